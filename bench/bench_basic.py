@@ -1,0 +1,77 @@
+"""First benchmark: get and set ops/s of shmkv beside a plain dict, in one process.
+
+    python bench/bench_basic.py [--keys N] [--value-size B] [--seconds S]
+
+16-byte keys, N keys preloaded (default 100,000), values of B bytes (default 100). Each
+figure is the median of 3 repetitions of at least S seconds (default 0.5). The plain dict is
+the ceiling, not a competitor: it is not shared. The full comparison (Manager, lmdb, Redis,
+several processes) is the job of the later benchmark suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import shmkv
+
+
+def measure(op: Callable[[bytes], object], keys: list[bytes], seconds: float) -> float:
+    """Median ops/s over 3 runs, each cycling over keys for at least `seconds`."""
+    rates = []
+    for _ in range(3):
+        done = 0
+        start = time.perf_counter()
+        while True:
+            for key in keys:
+                op(key)
+            done += len(keys)
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+        rates.append(done / elapsed)
+    return statistics.median(rates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--value-size", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=0.5)
+    args = parser.parse_args(argv)
+
+    keys = [b"%016d" % i for i in range(args.keys)]
+    value = os.urandom(args.value_size)
+    plain: dict[bytes, bytes] = dict.fromkeys(keys, value)
+    name = f"shmkv-bench-{os.getpid()}"
+    table = shmkv.create(name, capacity=args.keys, key_size=16, value_size=args.value_size)
+    try:
+        table.update(plain)
+        rows = [
+            ("get", "dict", measure(plain.__getitem__, keys, args.seconds)),
+            ("get", "shmkv", measure(table.__getitem__, keys, args.seconds)),
+            ("set", "dict", measure(lambda k: plain.__setitem__(k, value), keys, args.seconds)),
+            ("set", "shmkv", measure(lambda k: table.__setitem__(k, value), keys, args.seconds)),
+        ]
+    finally:
+        table.unlink()
+        table.close()
+
+    print(f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
+          f"Python {platform.python_version()}  shmkv {shmkv.__version__}  cores {os.cpu_count()}")
+    print(f"# {args.keys:,} keys of 16 bytes, values of {args.value_size} bytes, one process")
+    print(f"{'op':<5} {'store':<6} {'ops/s':>12} {'ns/op':>8} {'vs dict':>8}")
+    ceiling = {op: rate for op, store, rate in rows if store == "dict"}
+    for op, store, rate in rows:
+        print(f"{op:<5} {store:<6} {rate:>12,.0f} {1e9 / rate:>8.0f} "
+              f"{ceiling[op] / rate:>7.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

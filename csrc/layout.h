@@ -1,0 +1,133 @@
+/* layout.h -- the private layout of a shmkv segment: header, index slots and pool entries,
+ * and the helpers every C file shares. Never shown to cffi (it holds a pthread_mutex_t).
+ * The prose that explains this layout is at the top of table.c. */
+#ifndef SHMKV_LAYOUT_H
+#define SHMKV_LAYOUT_H
+
+#include <pthread.h>
+#include <string.h>
+#include "shmkv.h"
+
+/* Bump on any change to the structures below or to their meaning. */
+#define SHMKV_FORMAT_VERSION 1
+
+/* "shmkv" + format family; compared byte for byte, so endianness does not matter. */
+#define SHMKV_MAGIC "SHMKVTB1"
+
+/* The index and the pool start on their own cache lines, so that header writes do not
+ * share a line with the first slots. */
+#define SHMKV_ALIGN 64
+
+/* Default lock wait before SHMKV_ELOCKTIMEOUT: long enough for any real operation on a
+ * loaded machine (the longest, clear() or a snapshot, walk the table once), short enough that
+ * a stopped (SIGSTOP) holder shows up as an error rather than a hang. */
+#define SHMKV_DEFAULT_LOCK_TIMEOUT_NS 5000000000LL
+
+/* Values of shmkv_entry.link besides a free-list link. Free-list links are entry number + 1
+ * (0 ends the list), so they are at most SHMKV_MAX_CAPACITY + 1 and never collide. */
+#define LINK_USED 0xFFFFFFFFu  /* the entry holds a live key; the index refers to it */
+#define LINK_BUSY 0xFFFFFFFEu  /* taken off the free list, not yet published (lock held) */
+
+struct shmkv_header {
+    /* --- Identity and geometry: written once by shmkv_init, read-only afterwards. --- */
+    char magic[8];             /* SHMKV_MAGIC */
+    uint32_t version;          /* SHMKV_FORMAT_VERSION */
+    uint32_t header_size;      /* sizeof(struct shmkv_header) */
+    uint64_t signature;        /* layout_signature(): version and every structure size */
+    uint64_t total_size;       /* bytes of the segment this table needs */
+    uint64_t capacity;         /* live entries allowed */
+    uint64_t nentries;         /* pool entries: capacity + 1 */
+    uint64_t nslots;           /* index slots, power of two */
+    uint64_t key_size;
+    uint64_t value_size;
+    uint64_t entry_size;       /* pool stride */
+    uint64_t index_offset;
+    uint64_t entries_offset;
+    uint64_t seed[2];          /* SipHash key, random per table */
+    int64_t creator_pid;
+    uint32_t reserved_flags;
+    uint32_t ready;            /* 1 once everything above is written; stored last (release) */
+
+    /* --- Mutable state: only changed with the lock held. --- */
+    uint64_t count __attribute__((aligned(SHMKV_ALIGN)));  /* live entries == used slots */
+    uint64_t high_water;       /* entries [high_water, nentries) were never handed out */
+    uint64_t free_head;        /* entry number + 1 of the first free entry; 0 = none */
+    uint64_t intent_old;       /* entry number + 1 being replaced by intent_new; 0 = none */
+    uint64_t intent_new;
+    uint64_t hits, misses, inserts, updates, deletes;
+    uint64_t evictions, expirations, recoveries, lock_timeouts;
+    uint64_t reserved[16];     /* room for counters of later versions without a new layout */
+
+    pthread_mutex_t lock __attribute__((aligned(SHMKV_ALIGN)));
+};
+
+/* A pool entry. Followed by key bytes (key_size rounded up to 8) and value bytes (value_size
+ * rounded up to 8), so that the value starts 8-aligned and a counter is one aligned store. */
+struct shmkv_entry {
+    uint32_t key_len;          /* <= key_size */
+    uint32_t value_len;        /* <= value_size */
+    uint64_t expires;          /* reserved for expiry: 0 = never */
+    uint32_t seq;              /* reserved for optimistic readers: odd while being written */
+    uint32_t link;             /* LINK_USED, LINK_BUSY, or next free entry + 1 */
+};
+
+/* The per-process handle: a copy of the geometry validated at open, so that every bound used
+ * by an operation comes from here, never re-read from the (possibly corrupted) segment. */
+struct shmkv {
+    unsigned char *base;
+    uint64_t size;
+    struct shmkv_header *hdr;
+    uint64_t *index;
+    unsigned char *entries;
+    uint64_t capacity, nentries, nslots, mask, entry_size, key_size, value_size, value_offset;
+    uint64_t k0, k1;
+    int64_t lock_timeout_ns;
+    int lock_kind;             /* shmkv__lock_kind(), checked before every lock */
+};
+
+#define ALIGN_UP(x, a) (((x) + ((a) - 1)) & ~((uint64_t)(a) - 1))
+
+/* An index slot: low 32 bits entry number + 1 (0 = empty), high 32 bits the low 32 bits of
+ * the key's hash, whose low bits are also the slot the key hashes to (its home). */
+#define SLOT_ENTRY(s) ((uint32_t)(s))
+#define SLOT_TAG(s) ((uint32_t)((s) >> 32))
+#define MAKE_SLOT(hash, entry_no) (((uint64_t)(uint32_t)(hash) << 32) | ((uint64_t)(entry_no) + 1))
+
+static inline struct shmkv_entry *entry_at(const shmkv_t *t, uint64_t n)
+{
+    return (struct shmkv_entry *)(t->entries + n * t->entry_size);
+}
+static inline unsigned char *entry_key(struct shmkv_entry *e)
+{
+    return (unsigned char *)(e + 1);
+}
+static inline unsigned char *entry_value(const shmkv_t *t, struct shmkv_entry *e)
+{
+    return (unsigned char *)e + t->value_offset;
+}
+static inline uint64_t slot_load(const shmkv_t *t, uint64_t i)
+{
+    return __atomic_load_n(&t->index[i], __ATOMIC_ACQUIRE);
+}
+static inline void slot_store(shmkv_t *t, uint64_t i, uint64_t v)
+{
+    __atomic_store_n(&t->index[i], v, __ATOMIC_RELEASE);
+}
+
+/* siphash.c */
+uint64_t shmkv_siphash13(const void *data, size_t len, uint64_t k0, uint64_t k1);
+
+/* table.c: helpers shared with lock.c and check.c; the lock must be held. */
+void locked_rebuild(shmkv_t *t);
+int locked_find(const shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
+                uint64_t *slot_out, struct shmkv_entry **entry_out);
+int locked_check(shmkv_t *t, int *invariant);
+
+/* lock.c */
+int shmkv__lock(shmkv_t *t);
+void shmkv__unlock(shmkv_t *t);
+int shmkv__init_lock(struct shmkv_header *h);
+int shmkv__lock_kind(void);
+int shmkv__lock_sane(const struct shmkv_header *h);
+
+#endif

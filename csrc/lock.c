@@ -1,0 +1,140 @@
+/* lock.c -- the table's lock: a process-shared, robust pthread mutex in the segment header.
+ * A process that dies holding it (kill -9, a segfault, the OOM killer) hands it to the next
+ * locker with EOWNERDEAD; that locker rebuilds the table, marks the mutex consistent, counts a
+ * recovery and carries on, so nobody waits forever on a dead process. A named semaphore
+ * cannot do this: its count dies with its holder. */
+#include <errno.h>
+#include <time.h>
+
+#include "layout.h"
+
+/* pthread_mutex_clocklock (glibc 2.30) waits on CLOCK_MONOTONIC, which a wall-clock change
+ * cannot stretch or cut short; older C libraries fall back to the realtime clock. */
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
+#define HAVE_CLOCKLOCK 1
+#endif
+
+static int init_mutex(pthread_mutex_t *m)
+{
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+
+    if (rc != 0)
+        return SHMKV_ELOCK;
+    rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (rc == 0)
+        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    /* Error-checking: a thread that locks twice gets an error instead of hanging itself. */
+    if (rc == 0)
+        rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+    if (rc == 0)
+        rc = pthread_mutex_init(m, &attr);
+    pthread_mutexattr_destroy(&attr);
+    return rc == 0 ? SHMKV_OK : SHMKV_ELOCK;
+}
+
+int shmkv__init_lock(struct shmkv_header *h)
+{
+    return init_mutex(&h->lock);
+}
+
+/* The type word glibc keeps in a mutex made by init_mutex(), or 0 elsewhere. glibc trusts that
+ * word: a damaged one (say, with the priority-inheritance bits set) makes it abort the process
+ * inside pthread_mutex_lock, so shmkv_open() compares it with this and keeps the value in the
+ * handle, and every lock compares it again. */
+int shmkv__lock_kind(void)
+{
+#ifdef __GLIBC__
+    pthread_mutex_t m;
+    int kind = 0;
+
+    if (init_mutex(&m) == SHMKV_OK) {
+        kind = m.__data.__kind;
+        pthread_mutex_destroy(&m);
+    }
+    return kind;
+#else
+    return 0;
+#endif
+}
+
+static int lock_kind_of(const struct shmkv_header *h)
+{
+#ifdef __GLIBC__
+    return __atomic_load_n(&h->lock.__data.__kind, __ATOMIC_RELAXED);
+#else
+    (void)h;
+    return 0;
+#endif
+}
+
+int shmkv__lock_sane(const struct shmkv_header *h)
+{
+    return lock_kind_of(h) == shmkv__lock_kind();
+}
+
+static int timed_lock(pthread_mutex_t *m, int64_t timeout_ns)
+{
+    struct timespec ts;
+#ifdef HAVE_CLOCKLOCK
+    const clockid_t clock = CLOCK_MONOTONIC;
+#else
+    const clockid_t clock = CLOCK_REALTIME;
+#endif
+
+    if (clock_gettime(clock, &ts) != 0)
+        return EINVAL;
+    ts.tv_sec += (time_t)(timeout_ns / 1000000000);
+    ts.tv_nsec += (long)(timeout_ns % 1000000000);
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+#ifdef HAVE_CLOCKLOCK
+    return pthread_mutex_clocklock(m, clock, &ts);
+#else
+    return pthread_mutex_timedlock(m, &ts);
+#endif
+}
+
+/* Takes the table's lock. 0: held (after repairing the table if its last owner died).
+ * SHMKV_ELOCKTIMEOUT: still held by another process after the handle's timeout.
+ * SHMKV_EBROKEN: the mutex was left unrecoverable. SHMKV_ELOCK: any other failure, such as
+ * this thread holding the lock already or a lock word that corruption made nonsense. */
+int shmkv__lock(shmkv_t *t)
+{
+    pthread_mutex_t *m = &t->hdr->lock;
+    int rc;
+
+    if (lock_kind_of(t->hdr) != t->lock_kind)
+        return SHMKV_ELOCK;
+    rc = pthread_mutex_trylock(m);
+
+    /* The uncontended path costs one atomic exchange; clocks are read only to wait. */
+    if (rc == EBUSY)
+        rc = timed_lock(m, t->lock_timeout_ns);
+    switch (rc) {
+    case 0:
+        return SHMKV_OK;
+    case EOWNERDEAD:
+        locked_rebuild(t);
+        t->hdr->recoveries++;
+        if (pthread_mutex_consistent(m) != 0) {
+            pthread_mutex_unlock(m);
+            return SHMKV_EBROKEN;
+        }
+        return SHMKV_OK;
+    case ETIMEDOUT:
+        __atomic_fetch_add(&t->hdr->lock_timeouts, 1, __ATOMIC_RELAXED);
+        return SHMKV_ELOCKTIMEOUT;
+    case ENOTRECOVERABLE:
+        return SHMKV_EBROKEN;
+    default:
+        return SHMKV_ELOCK;
+    }
+}
+
+void shmkv__unlock(shmkv_t *t)
+{
+    pthread_mutex_unlock(&t->hdr->lock);
+}

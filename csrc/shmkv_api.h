@@ -1,0 +1,157 @@
+/* shmkv_api.h -- THE C API of shmkv, read verbatim by cffi's cdef() and included by
+ * every .c file (through shmkv.h), so a prototype that drifts from its definition fails to
+ * compile instead of passing the wrong type at run time.
+ *
+ * cffi's cdef() reads no preprocessor conditionals and only `#define NAME <integer literal>`,
+ * so this file holds only what both readers accept; the include guard lives in shmkv.h.
+ *
+ * Conventions: every fallible call returns an int. 0 (or, where documented, a non-negative
+ * length or flag) means success; a negative value is one of the SHMKV_E* codes below. Codes
+ * are only ever appended, never renumbered. On error, outputs and the table are unchanged.
+ * A dead lock owner is repaired inside the call and never reaches the caller as an error. */
+
+#define SHMKV_ABI 1
+
+#define SHMKV_OK 0
+#define SHMKV_ENOTFOUND -1
+#define SHMKV_EKEYSIZE -2
+#define SHMKV_EVALUESIZE -3
+#define SHMKV_EFULL -4
+#define SHMKV_EINCOMPATIBLE -5
+#define SHMKV_ECORRUPT -6
+#define SHMKV_ENOTCOUNTER -7
+#define SHMKV_EOVERFLOW -8
+#define SHMKV_ECLOSED -9
+#define SHMKV_ELOCKTIMEOUT -10
+#define SHMKV_EBROKEN -11
+#define SHMKV_ELOCK -12
+#define SHMKV_EARG -13
+#define SHMKV_ENOTREADY -14
+#define SHMKV_EBUFSIZE -15
+#define SHMKV_ECHECK -16
+#define SHMKV_ENOMEM -17
+/* One past the most negative code: tests walk SHMKV_OK > code > SHMKV_ELAST. */
+#define SHMKV_ELAST -18
+
+/* Results of shmkv_put(). */
+#define SHMKV_NOT_STORED 0
+#define SHMKV_INSERTED 1
+#define SHMKV_REPLACED 2
+
+/* shmkv_put() flags. */
+#define SHMKV_PUT_IF_ABSENT 1
+
+/* Largest accepted geometry (see SEGMENT LAYOUT in table.c for why). */
+#define SHMKV_MAX_CAPACITY 2147483646
+#define SHMKV_MAX_KEY_SIZE 1048576
+#define SHMKV_MAX_VALUE_SIZE 1073741824
+
+typedef struct shmkv shmkv_t;
+
+/* Sizes and offsets of a table's segment, as computed by shmkv_layout(). */
+struct shmkv_geometry {
+    uint64_t capacity;        /* entries a user may store */
+    uint64_t nentries;        /* entries in the pool: capacity + 1 spare for copy-on-write */
+    uint64_t nslots;          /* index slots, a power of two, > 1.5 * capacity */
+    uint64_t key_size;        /* largest key, bytes */
+    uint64_t value_size;      /* largest value, bytes */
+    uint64_t entry_size;      /* bytes per pool entry, header and padding included */
+    uint64_t header_size;     /* bytes of the table header */
+    uint64_t index_offset;    /* offset of the index from the start of the segment */
+    uint64_t entries_offset;  /* offset of the entry pool */
+    uint64_t total_size;      /* bytes the segment must have */
+};
+
+/* A consistent copy of a table's header, taken under the lock. */
+struct shmkv_stats {
+    struct shmkv_geometry geometry;
+    uint64_t version;         /* format version of the segment */
+    int64_t creator_pid;
+    uint64_t count;           /* live entries */
+    uint64_t high_water;      /* pool entries ever handed out since creation or clear() */
+    uint64_t hits;
+    uint64_t misses;
+    uint64_t inserts;
+    uint64_t updates;
+    uint64_t deletes;
+    uint64_t evictions;
+    uint64_t expirations;
+    uint64_t recoveries;      /* times a dead lock owner was found and the table repaired */
+    uint64_t lock_timeouts;
+};
+
+int shmkv_abi(void);
+const char *shmkv_strerror(int code);
+const char *shmkv_invariant_text(int invariant);
+
+/* Geometry of a table; SHMKV_EARG if a parameter is out of range or the size overflows. */
+int shmkv_layout(uint64_t capacity, uint64_t key_size, uint64_t value_size,
+                 struct shmkv_geometry *out);
+
+/* Lays a fresh table into a zero-filled mapping of `size` bytes and sets the ready flag last.
+ * The mapping must not yet be visible to other attachers as a table. */
+int shmkv_init(void *base, uint64_t size, uint64_t capacity, uint64_t key_size,
+               uint64_t value_size, const unsigned char *seed16, int64_t creator_pid);
+
+/* Validates the header of a mapping and returns a per-process handle for it.
+ * SHMKV_ENOTREADY: the header is not (yet) marked ready. SHMKV_EINCOMPATIBLE: not a shmkv
+ * table, another format version or build, truncated, or an inconsistent header; then `why`
+ * (if not NULL) receives a sentence saying which. */
+int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t whycap);
+void shmkv_close(shmkv_t *t);
+/* Lock waits longer than this fail with SHMKV_ELOCKTIMEOUT; <= 0 means the default. */
+void shmkv_set_lock_timeout(shmkv_t *t, int64_t nanoseconds);
+
+/* Copies the value of key into out and returns its length. With out == NULL, only tells
+ * whether the key is present (the length) and counts neither a hit nor a miss. */
+int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap);
+/* Returns SHMKV_INSERTED, SHMKV_REPLACED or (with SHMKV_PUT_IF_ABSENT) SHMKV_NOT_STORED. */
+int shmkv_put(shmkv_t *t, const char *key, uint32_t klen, const char *value, uint32_t vlen,
+              int flags);
+/* Stores value if key is absent; either way copies the value now stored into out and
+ * returns its length. */
+int shmkv_setdefault(shmkv_t *t, const char *key, uint32_t klen, const char *value,
+                     uint32_t vlen, char *out, uint32_t outcap);
+/* Removes key; with out != NULL, first copies its value there and returns its length. */
+int shmkv_pop(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap);
+/* Adds delta to the signed 64-bit little-endian counter under key (an absent key starts at
+ * initial) and stores the result in *out. */
+int shmkv_incr(shmkv_t *t, const char *key, uint32_t klen, int64_t delta, int64_t initial,
+               int64_t *out);
+/* Replaces the value of key by new if it currently equals expected: returns 1 if swapped,
+ * 0 if the key is absent or holds another value. */
+int shmkv_compare_and_swap(shmkv_t *t, const char *key, uint32_t klen, const char *expected,
+                           uint32_t elen, const char *value, uint32_t vlen);
+int shmkv_clear(shmkv_t *t);
+/* Number of live entries, or a negative code. */
+int64_t shmkv_len(shmkv_t *t);
+
+/* Batch calls, each under one lock acquisition. Keys (and values) are packed end to end,
+ * their lengths in klens (vlens). get_many writes the values found end to end into out and
+ * each one's length into vlens[i], or -1 for a missing key; it returns SHMKV_EBUFSIZE with
+ * the bytes needed in *needed if out is too small. set_many stores all or nothing: if the new
+ * keys do not fit, it returns SHMKV_EFULL and changes nothing; its keys must be distinct,
+ * and `hashes` is n words of scratch, so that keys are hashed before the lock is taken. */
+int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
+                   char *out, uint64_t outcap, int64_t *vlens, uint64_t *needed);
+int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
+                   const char *values, const uint32_t *vlens, uint64_t *hashes);
+
+/* A point-in-time snapshot of every live key (and value, if with_values), taken under the
+ * lock: records of [u32 klen][key]([u32 vlen][value]), lengths in native byte order.
+ * Returns the number of records and the bytes used in *needed, or SHMKV_EBUFSIZE with the
+ * bytes needed in *needed. */
+int64_t shmkv_snapshot(shmkv_t *t, int with_values, char *out, uint64_t outcap,
+                       uint64_t *needed);
+
+int shmkv_stats(shmkv_t *t, struct shmkv_stats *out);
+
+/* Walks the whole table under the lock and verifies every invariant listed in table.c.
+ * Returns 0, or SHMKV_ECHECK with the number of the first violated invariant in *invariant. */
+int shmkv_check(shmkv_t *t, int *invariant);
+
+/* For tests: with hold != 0, takes the table's lock and returns holding it, so that a process
+ * can die as its owner; with hold == 0, releases it again. A process must release the lock
+ * before it unmaps the table: glibc links held robust mutexes into a per-thread list, and an
+ * unmapped list element crashes the next robust lock. Never used by the library itself. */
+int shmkv_testing_hold_lock(shmkv_t *t, int hold);

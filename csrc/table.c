@@ -1,0 +1,1099 @@
+/* table.c -- the shmkv hash table: a fixed-size table in one shared-memory segment, mapped by
+ * several processes at different addresses, and every operation on it, each complete in one
+ * call under the table's process-shared robust mutex.
+ *
+ * SEGMENT LAYOUT
+ *
+ *   0                     index_offset              entries_offset                 total_size
+ *   +---------------------+-------------------------+------------------------------+
+ *   | header              | index                   | pool                         |
+ *   | identity, geometry, | nslots x u64 slots,     | nentries x entry_size bytes  |
+ *   | seed, ready, state, | nslots a power of two   | entry 0, entry 1, ...        |
+ *   | counters, lock      | > 1.5 x capacity        |                              |
+ *   +---------------------+-------------------------+------------------------------+
+ *   (each region starts on a 64-byte line; struct shmkv_header in layout.h lists the fields)
+ *
+ *   slot (u64):   | low 32 bits of hash(key) : 32 | entry number + 1 : 32 |     0 = empty
+ *   entry:        | key_len u32 | value_len u32 | expires u64 | seq u32 | link u32 |
+ *                 | key bytes, key_size rounded up to 8 | value bytes, value_size rounded up to 8 |
+ *
+ * Offsets only, never pointers: each process maps the segment at its own address, and every
+ * position is an entry number or a slot number, turned into an address through the handle.
+ * The pool holds capacity + 1 entries: replacing a value writes a new entry beside the old one
+ * (see RECOVERY), so a table holding `capacity` keys still needs one spare to overwrite a key.
+ * Since the low 32 bits of the hash pick the home slot, nslots is at most 2^32, and capacity
+ * at most SHMKV_MAX_CAPACITY. Per entry, a table costs entry_size plus 12 to 24 bytes of index.
+ *
+ * The index is probed linearly from a key's home slot (hash & (nslots - 1)) to the first empty
+ * slot. Deletion shifts the rest of the probe chain back (backward-shift deletion) instead of
+ * leaving tombstones, so chains stay as short after a million deletes as after none. The slot
+ * carries 32 bits of the hash, so a probe compares keys only when those bits match. The hash
+ * is SipHash-1-3 keyed with the table's random seed: colliding keys cannot be chosen from
+ * outside.
+ *
+ * SLOT STATES: empty (0) -> used (tag | entry + 1) -> empty, by deletion or clear. A used slot
+ * may also move one or more places towards its home during a backward shift.
+ *
+ * ENTRY STATES (the link field):
+ *   never used (number >= high_water) --alloc--> BUSY --publish--> USED --free--> on free list
+ *   on free list --alloc--> BUSY;  any --clear--> never used (high_water = 0)
+ * BUSY exists only while the lock is held: an entry being written, not yet in the index.
+ *
+ * INVARIANTS (check.c verifies each by number; shmkv_invariant_text() has the same words)
+ *   1. The header matches this build: magic, format version, layout signature, and a geometry
+ *      that shmkv_layout() recomputes from capacity, key_size and value_size.
+ *   2. count <= capacity and high_water <= nentries.
+ *   3. Every used slot names an entry below high_water whose link is USED and whose key and
+ *      value lengths are within key_size and value_size.
+ *   4. A used slot's tag is the low 32 bits of the hash of its entry's key.
+ *   5. Every used slot is found by looking up its own key: no empty slot between its home and
+ *      it, and no equal key earlier in the chain (no key is stored twice).
+ *   6. No entry is named by two slots.
+ *   7. The used slots, the USED entries below high_water and count are the same number.
+ *   8. The free list holds only entries below high_water that are not USED or BUSY, has no
+ *      cycle, and free + count == high_water: no entry is leaked.
+ *   9. No intent is recorded while the lock is free.
+ *  10. At least one slot is empty (nslots > capacity), so every probe terminates.
+ *
+ * LOCKING
+ * Every operation, reads included, runs under the robust, process-shared pthread mutex in the
+ * header (lock.c). Hashing and argument checks happen before taking it. Functions named
+ * locked_* expect the lock held. Lock waits time out (SHMKV_ELOCKTIMEOUT) instead of hanging
+ * behind a stopped process.
+ *
+ * RECOVERY
+ * The pool is the source of truth; the index, the free list and count can be derived from it.
+ * Every mutation orders its stores (release stores, so the compiler keeps the order) so that
+ * a process killed at any instruction leaves each key with its old or its new value:
+ *   insert:  take an entry (BUSY), write key and value, mark it USED, publish it in a slot;
+ *   replace: take an entry, write it, record intent (old, new), mark new USED, swap the slot
+ *            in one aligned 8-byte store, free the old entry, clear the intent;
+ *   delete:  shift the chain back over the slot, then free the entry;
+ *   counter: one aligned 8-byte store into the value;
+ *   clear:   high_water = 0 first, then empty the index and the free list.
+ * A locker that gets EOWNERDEAD calls locked_rebuild(): if an intent names two USED entries,
+ * the old one is dropped (the replace rolls forward); then the index, the free list and count
+ * are rebuilt from the USED entries below high_water, and BUSY entries return to the free
+ * list. The rebuild is idempotent, so a recoverer killed mid-rebuild is recovered in turn.
+ *
+ * FORMAT
+ * The header starts with the magic "SHMKVTB1", the format version and a layout signature that
+ * folds in the version and the sizes of the header, the entry and pthread_mutex_t, so two
+ * builds that would disagree about the layout refuse to share a table. The ready flag is
+ * written last (a release store) and read first, so an attacher never sees half a header.
+ * Every length and entry number read from the segment is bounds-checked against the handle's
+ * copy of the geometry before use: a corrupted segment yields SHMKV_ECORRUPT, not a crash.
+ *
+ * REJECTED ALTERNATIVES
+ *   - Tombstones: a delete-heavy workload fills the index with them and every miss scans it.
+ *   - Robin Hood insertion: moves many slots per insert, widening the crash window; linear
+ *     probing at load <= 2/3 already keeps chains short.
+ *   - Pointers or a separate allocator inside the segment: every process maps it elsewhere,
+ *     and fixed-size entries make the free list the whole allocator.
+ *   - Overwriting values in place: a crash halfway would leave a torn value.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "layout.h"
+
+#define STORE(lvalue, v) __atomic_store_n(&(lvalue), (v), __ATOMIC_RELEASE)
+
+#ifdef SHMKV_DEBUG
+/* Debug builds verify every invariant after every mutation, and stop at the first breach. */
+#define DEBUG_CHECK(t)                                                                 \
+    do {                                                                               \
+        int inv_ = 0;                                                                  \
+        if (locked_check((t), &inv_) != 0) {                                           \
+            abort();                                                                   \
+        }                                                                              \
+    } while (0)
+#else
+#define DEBUG_CHECK(t) ((void)0)
+#endif
+
+/* ------------------------------------------------------------------------------------------
+ * Codes and texts
+ * ---------------------------------------------------------------------------------------- */
+
+int shmkv_abi(void)
+{
+    return SHMKV_ABI;
+}
+
+const char *shmkv_strerror(int code)
+{
+    switch (code) {
+    case SHMKV_OK: return "success";
+    case SHMKV_ENOTFOUND: return "no such key";
+    case SHMKV_EKEYSIZE: return "key longer than the table's key_size";
+    case SHMKV_EVALUESIZE: return "value longer than the table's value_size";
+    case SHMKV_EFULL: return "table is full";
+    case SHMKV_EINCOMPATIBLE: return "not a shmkv table of a compatible layout";
+    case SHMKV_ECORRUPT: return "table is corrupted";
+    case SHMKV_ENOTCOUNTER: return "value is not an 8-byte counter";
+    case SHMKV_EOVERFLOW: return "counter would overflow a signed 64-bit integer";
+    case SHMKV_ECLOSED: return "table is closed";
+    case SHMKV_ELOCKTIMEOUT: return "timed out waiting for the table's lock";
+    case SHMKV_EBROKEN: return "the table's lock can no longer be used";
+    case SHMKV_ELOCK: return "the table's lock failed";
+    case SHMKV_EARG: return "invalid argument";
+    case SHMKV_ENOTREADY: return "table is not initialised yet";
+    case SHMKV_EBUFSIZE: return "output buffer too small";
+    case SHMKV_ECHECK: return "table failed its invariant check";
+    case SHMKV_ENOMEM: return "out of memory";
+    default: return "unknown error";
+    }
+}
+
+const char *shmkv_invariant_text(int invariant)
+{
+    static const char *const texts[] = {
+        "no invariant",
+        "header matches this build (magic, version, signature, geometry)",
+        "count <= capacity and high_water <= nentries",
+        "every used slot names a USED entry below high_water with lengths in range",
+        "a slot's tag is the low 32 bits of its key's hash",
+        "every used slot is found by looking up its own key (no hole, no duplicate key)",
+        "no entry is named by two slots",
+        "used slots, USED entries and count agree",
+        "the free list is sound and free + count == high_water (nothing leaked)",
+        "no intent is recorded while the lock is free",
+        "at least one index slot is empty",
+    };
+    if (invariant < 0 || invariant >= (int)(sizeof texts / sizeof texts[0]))
+        return "unknown invariant";
+    return texts[invariant];
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Geometry, creation and attachment
+ * ---------------------------------------------------------------------------------------- */
+
+int shmkv_layout(uint64_t capacity, uint64_t key_size, uint64_t value_size,
+                 struct shmkv_geometry *g)
+{
+    uint64_t want, nslots = 8;
+
+    if (g == NULL || capacity < 1 || capacity > SHMKV_MAX_CAPACITY || key_size < 1 ||
+        key_size > SHMKV_MAX_KEY_SIZE || value_size < 1 || value_size > SHMKV_MAX_VALUE_SIZE)
+        return SHMKV_EARG;
+    /* Load factor at most 2/3 keeps linear-probing chains short; > capacity keeps one empty. */
+    want = capacity + capacity / 2 + 1;
+    while (nslots < want)
+        nslots <<= 1;
+    memset(g, 0, sizeof *g);
+    g->capacity = capacity;
+    g->nentries = capacity + 1;
+    g->nslots = nslots;
+    g->key_size = key_size;
+    g->value_size = value_size;
+    g->entry_size = sizeof(struct shmkv_entry) + ALIGN_UP(key_size, 8) + ALIGN_UP(value_size, 8);
+    g->header_size = sizeof(struct shmkv_header);
+    g->index_offset = ALIGN_UP(g->header_size, SHMKV_ALIGN);
+    g->entries_offset = ALIGN_UP(g->index_offset + nslots * sizeof(uint64_t), SHMKV_ALIGN);
+    /* At most 2^31 entries of at most 2^30 + 2^20 + 40 bytes: no uint64_t overflow. */
+    g->total_size = g->entries_offset + g->nentries * g->entry_size;
+    if (g->total_size > (uint64_t)SIZE_MAX)
+        return SHMKV_EARG;
+    return SHMKV_OK;
+}
+
+/* Folds everything two builds must agree on to share a segment into one number. */
+static uint64_t layout_signature(void)
+{
+    const uint64_t parts[] = {
+        SHMKV_FORMAT_VERSION,
+        sizeof(struct shmkv_header),
+        sizeof(struct shmkv_entry),
+        sizeof(pthread_mutex_t),
+        offsetof(struct shmkv_header, count),
+        offsetof(struct shmkv_header, lock),
+        (uint64_t)__BYTE_ORDER__,
+        /* glibc and musl both make 40-byte mutexes on x86_64 but lay them out differently. */
+#ifdef __GLIBC__
+        UINT64_C(0x676c696263),
+#else
+        UINT64_C(0x6f74686572),
+#endif
+        (uint64_t)shmkv__lock_kind(),
+    };
+    return shmkv_siphash13(parts, sizeof parts, UINT64_C(0x73686d6b76736967), 0);
+}
+
+int shmkv_init(void *base, uint64_t size, uint64_t capacity, uint64_t key_size,
+               uint64_t value_size, const unsigned char *seed16, int64_t creator_pid)
+{
+    struct shmkv_geometry g;
+    struct shmkv_header *h = base;
+    int rc = shmkv_layout(capacity, key_size, value_size, &g);
+
+    if (rc != SHMKV_OK)
+        return rc;
+    if (base == NULL || seed16 == NULL || size < g.total_size ||
+        ((uintptr_t)base & (SHMKV_ALIGN - 1)) != 0)
+        return SHMKV_EARG;
+    /* The index and pool of a fresh segment are zero already (ftruncate); only the header
+     * is written, so that an unreserved table touches no page it does not use. */
+    memset(h, 0, sizeof *h);
+    memcpy(h->magic, SHMKV_MAGIC, sizeof h->magic);
+    h->version = SHMKV_FORMAT_VERSION;
+    h->header_size = sizeof *h;
+    h->signature = layout_signature();
+    h->total_size = g.total_size;
+    h->capacity = g.capacity;
+    h->nentries = g.nentries;
+    h->nslots = g.nslots;
+    h->key_size = g.key_size;
+    h->value_size = g.value_size;
+    h->entry_size = g.entry_size;
+    h->index_offset = g.index_offset;
+    h->entries_offset = g.entries_offset;
+    memcpy(h->seed, seed16, sizeof h->seed);
+    h->creator_pid = creator_pid;
+    rc = shmkv__init_lock(h);
+    if (rc != SHMKV_OK)
+        return rc;
+    STORE(h->ready, 1u);
+    return SHMKV_OK;
+}
+
+/* Says in `why` what makes the segment unusable; returns SHMKV_EINCOMPATIBLE. */
+static int incompatible(char *why, uint32_t whycap, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int incompatible(char *why, uint32_t whycap, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (why != NULL && whycap > 0) {
+        va_start(ap, fmt);
+        vsnprintf(why, whycap, fmt, ap);
+        va_end(ap);
+    }
+    return SHMKV_EINCOMPATIBLE;
+}
+
+int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t whycap)
+{
+    static const char zero[8];
+    const struct shmkv_header *h = base;
+    struct shmkv_geometry g;
+    shmkv_t *t;
+    uint32_t ready;
+
+    /* Slots and counters are 8-byte atomics; a mapping is page-aligned anyway. */
+    if (base == NULL || out == NULL || ((uintptr_t)base & (SHMKV_ALIGN - 1)) != 0)
+        return SHMKV_EARG;
+    if (size < sizeof h->magic)
+        return incompatible(why, whycap, "segment is %llu bytes, too small for a table",
+                            (unsigned long long)size);
+    /* A creator writes the whole header and then the ready flag: all zeros means "being
+     * created", a foreign magic means "not ours". */
+    if (memcmp(h->magic, zero, sizeof zero) == 0 && size >= sizeof *h && h->ready == 0)
+        return SHMKV_ENOTREADY;
+    if (memcmp(h->magic, SHMKV_MAGIC, sizeof h->magic) != 0)
+        return incompatible(why, whycap, "no shmkv magic at the start of the segment");
+    if (size < sizeof *h)
+        return incompatible(why, whycap,
+                            "truncated: segment is %llu bytes, a table header needs %zu",
+                            (unsigned long long)size, sizeof *h);
+    ready = __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE);
+    if (ready == 0)
+        return SHMKV_ENOTREADY;
+    if (ready != 1)
+        return incompatible(why, whycap, "inconsistent header: ready flag is %u", ready);
+    if (h->version != SHMKV_FORMAT_VERSION)
+        return incompatible(why, whycap, "format version %u, this build reads version %d",
+                            h->version, SHMKV_FORMAT_VERSION);
+    if (h->header_size != sizeof *h || h->signature != layout_signature())
+        return incompatible(why, whycap,
+                            "layout signature differs: made by another build of shmkv "
+                            "(header size %u, here %zu)", h->header_size, sizeof *h);
+    if (shmkv_layout(h->capacity, h->key_size, h->value_size, &g) != SHMKV_OK ||
+        g.nentries != h->nentries || g.nslots != h->nslots || g.entry_size != h->entry_size ||
+        g.index_offset != h->index_offset || g.entries_offset != h->entries_offset ||
+        g.total_size != h->total_size)
+        return incompatible(why, whycap,
+                            "inconsistent header: geometry does not follow from capacity %llu "
+                            "and sizes (total %llu)", (unsigned long long)h->capacity,
+                            (unsigned long long)h->total_size);
+    if (size < g.total_size)
+        return incompatible(why, whycap,
+                            "truncated: segment is %llu bytes, the table needs %llu",
+                            (unsigned long long)size, (unsigned long long)g.total_size);
+    if (!shmkv__lock_sane(h))
+        return incompatible(why, whycap, "inconsistent header: the lock's type word is damaged");
+
+    t = calloc(1, sizeof *t);
+    if (t == NULL)
+        return SHMKV_ENOMEM;
+    t->base = base;
+    t->size = size;
+    t->hdr = base;
+    t->index = (uint64_t *)((unsigned char *)base + g.index_offset);
+    t->entries = (unsigned char *)base + g.entries_offset;
+    t->capacity = g.capacity;
+    t->nentries = g.nentries;
+    t->nslots = g.nslots;
+    t->mask = g.nslots - 1;
+    t->entry_size = g.entry_size;
+    t->key_size = g.key_size;
+    t->value_size = g.value_size;
+    t->value_offset = sizeof(struct shmkv_entry) + ALIGN_UP(g.key_size, 8);
+    t->k0 = h->seed[0];
+    t->k1 = h->seed[1];
+    t->lock_timeout_ns = SHMKV_DEFAULT_LOCK_TIMEOUT_NS;
+    t->lock_kind = shmkv__lock_kind();
+    *out = t;
+    return SHMKV_OK;
+}
+
+void shmkv_close(shmkv_t *t)
+{
+    free(t);
+}
+
+void shmkv_set_lock_timeout(shmkv_t *t, int64_t nanoseconds)
+{
+    if (t != NULL)
+        t->lock_timeout_ns = nanoseconds > 0 ? nanoseconds : SHMKV_DEFAULT_LOCK_TIMEOUT_NS;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Lock-held primitives
+ * ---------------------------------------------------------------------------------------- */
+
+static inline uint64_t hash_key(const shmkv_t *t, const char *key, uint32_t klen)
+{
+    return shmkv_siphash13(key, klen, t->k0, t->k1);
+}
+
+/* The entry a used slot names, after checking everything about it that a later read relies
+ * on. SHMKV_ECORRUPT if the slot or the entry cannot be right. */
+static int locked_slot_entry(const shmkv_t *t, uint64_t slot, struct shmkv_entry **out)
+{
+    uint32_t n1 = SLOT_ENTRY(slot);
+    struct shmkv_entry *e;
+
+    if (n1 == 0 || n1 > t->nentries || n1 > t->hdr->high_water)
+        return SHMKV_ECORRUPT;
+    e = entry_at(t, n1 - 1);
+    if (e->link != LINK_USED || e->key_len > t->key_size || e->value_len > t->value_size)
+        return SHMKV_ECORRUPT;
+    *out = e;
+    return SHMKV_OK;
+}
+
+/* Looks key up. 0: *slot_out and *entry_out name it. SHMKV_ENOTFOUND: *slot_out is the empty
+ * slot that ended the probe, where an insert of this key belongs. SHMKV_ECORRUPT: the index
+ * or an entry on the way is damaged. The walk is bounded by nslots, whatever the segment says. */
+int locked_find(const shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
+                uint64_t *slot_out, struct shmkv_entry **entry_out)
+{
+    uint32_t tag = (uint32_t)hash;
+    uint64_t i = hash & t->mask;
+    uint64_t probes;
+
+    for (probes = 0; probes < t->nslots; probes++, i = (i + 1) & t->mask) {
+        uint64_t s = slot_load(t, i);
+        struct shmkv_entry *e;
+        int rc;
+
+        if (s == 0) {
+            *slot_out = i;
+            return SHMKV_ENOTFOUND;
+        }
+        if (SLOT_TAG(s) != tag)
+            continue;
+        rc = locked_slot_entry(t, s, &e);
+        if (rc != SHMKV_OK)
+            return rc;
+        if (e->key_len == klen && (klen == 0 || memcmp(entry_key(e), key, klen) == 0)) {
+            *slot_out = i;
+            *entry_out = e;
+            return SHMKV_OK;
+        }
+    }
+    return SHMKV_ECORRUPT;
+}
+
+static inline uint64_t entry_number(const shmkv_t *t, const struct shmkv_entry *e)
+{
+    return (uint64_t)((const unsigned char *)e - t->entries) / t->entry_size;
+}
+
+/* Takes an entry off the free list, or else from the never-used tail, and marks it BUSY
+ * before the list head or high_water moves past it, so a crash in between only leaves an
+ * entry that the rebuild returns to the free list. */
+static int locked_alloc(shmkv_t *t, struct shmkv_entry **out)
+{
+    struct shmkv_header *h = t->hdr;
+    uint64_t head = h->free_head, hw = h->high_water;
+    struct shmkv_entry *e;
+
+    if (head != 0) {
+        uint32_t next;
+
+        /* Free entries all lie below high_water: one above it may still look USED. */
+        if (head > t->nentries || head > hw)
+            return SHMKV_ECORRUPT;
+        e = entry_at(t, head - 1);
+        next = e->link;
+        if (next > t->nentries || next > hw)
+            return SHMKV_ECORRUPT;
+        STORE(e->link, LINK_BUSY);
+        STORE(h->free_head, (uint64_t)next);
+    } else {
+        /* Callers keep count < nentries, so an exhausted pool means a damaged one. */
+        if (hw >= t->nentries)
+            return SHMKV_ECORRUPT;
+        e = entry_at(t, hw);
+        STORE(e->link, LINK_BUSY);
+        STORE(h->high_water, hw + 1);
+    }
+    *out = e;
+    return SHMKV_OK;
+}
+
+/* Returns an entry to the free list. The entry stops being USED before the head names it. */
+static void locked_free(shmkv_t *t, struct shmkv_entry *e)
+{
+    struct shmkv_header *h = t->hdr;
+
+    STORE(e->link, (uint32_t)h->free_head);
+    STORE(h->free_head, entry_number(t, e) + 1);
+}
+
+static void fill_entry(const shmkv_t *t, struct shmkv_entry *e, const char *key, uint32_t klen,
+                       const char *value, uint32_t vlen)
+{
+    e->key_len = klen;
+    e->value_len = vlen;
+    e->expires = 0;
+    if (klen > 0)
+        memcpy(entry_key(e), key, klen);
+    if (vlen > 0)
+        memcpy(entry_value(t, e), value, vlen);
+}
+
+/* Inserts an absent key into the empty slot that locked_find() returned for it.
+ * SHMKV_EFULL if the table holds capacity entries; nothing changes then. */
+static int locked_insert(shmkv_t *t, uint64_t slot, uint64_t hash, const char *key,
+                         uint32_t klen, const char *value, uint32_t vlen)
+{
+    struct shmkv_header *h = t->hdr;
+    struct shmkv_entry *e;
+    int rc;
+
+    if (h->count >= t->capacity)
+        return SHMKV_EFULL;
+    rc = locked_alloc(t, &e);
+    if (rc != SHMKV_OK)
+        return rc;
+    fill_entry(t, e, key, klen, value, vlen);
+    STORE(e->link, LINK_USED);
+    slot_store(t, slot, MAKE_SLOT(hash, entry_number(t, e)));
+    STORE(h->count, h->count + 1);
+    h->inserts++;
+    return SHMKV_OK;
+}
+
+/* Replaces the value of the key in `slot` (entry `old`) copy-on-write: the new entry is
+ * written beside the old one and swapped in with one slot store. Needs the pool's spare
+ * entry at most, so it works on a full table. */
+static int locked_replace(shmkv_t *t, uint64_t slot, struct shmkv_entry *old, uint64_t hash,
+                          const char *key, uint32_t klen, const char *value, uint32_t vlen)
+{
+    struct shmkv_header *h = t->hdr;
+    struct shmkv_entry *e;
+    int rc = locked_alloc(t, &e);
+
+    if (rc != SHMKV_OK)
+        return rc;
+    fill_entry(t, e, key, klen, value, vlen);
+    STORE(h->intent_old, entry_number(t, old) + 1);
+    STORE(h->intent_new, entry_number(t, e) + 1);
+    STORE(e->link, LINK_USED);
+    slot_store(t, slot, MAKE_SLOT(hash, entry_number(t, e)));
+    locked_free(t, old);
+    STORE(h->intent_new, (uint64_t)0);
+    STORE(h->intent_old, (uint64_t)0);
+    h->updates++;
+    return SHMKV_OK;
+}
+
+/* Empties slot i by backward-shift deletion: each later slot of the chain whose home is not
+ * between i and itself moves back into the hole, until an empty slot ends the chain. */
+static int locked_unlink_slot(shmkv_t *t, uint64_t i)
+{
+    uint64_t j = i, steps;
+
+    for (steps = 0; steps < t->nslots; steps++) {
+        uint64_t s, home;
+
+        j = (j + 1) & t->mask;
+        s = slot_load(t, j);
+        if (s == 0) {
+            slot_store(t, i, 0);
+            return SHMKV_OK;
+        }
+        home = SLOT_TAG(s) & t->mask;
+        if (((j - home) & t->mask) >= ((j - i) & t->mask)) {
+            slot_store(t, i, s);
+            i = j;
+        }
+    }
+    return SHMKV_ECORRUPT;
+}
+
+static int locked_remove(shmkv_t *t, uint64_t slot, struct shmkv_entry *e)
+{
+    struct shmkv_header *h = t->hdr;
+    int rc = locked_unlink_slot(t, slot);
+
+    if (rc != SHMKV_OK)
+        return rc;
+    locked_free(t, e);
+    STORE(h->count, h->count - 1);
+    h->deletes++;
+    return SHMKV_OK;
+}
+
+/* Stores key = value, inserting or replacing. Returns SHMKV_INSERTED or SHMKV_REPLACED. */
+static int locked_store(shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
+                        const char *value, uint32_t vlen)
+{
+    uint64_t slot;
+    struct shmkv_entry *e = NULL;
+    int rc = locked_find(t, hash, key, klen, &slot, &e);
+
+    if (rc == SHMKV_OK) {
+        rc = locked_replace(t, slot, e, hash, key, klen, value, vlen);
+        return rc == SHMKV_OK ? SHMKV_REPLACED : rc;
+    }
+    if (rc == SHMKV_ENOTFOUND) {
+        rc = locked_insert(t, slot, hash, key, klen, value, vlen);
+        return rc == SHMKV_OK ? SHMKV_INSERTED : rc;
+    }
+    return rc;
+}
+
+void locked_rebuild(shmkv_t *t)
+{
+    struct shmkv_header *h = t->hdr;
+    uint64_t hw = h->high_water, io = h->intent_old, in = h->intent_new, n, i;
+
+    if (hw > t->nentries)
+        hw = t->nentries;
+    /* A replace that got as far as marking its new entry USED rolls forward. */
+    if (io != 0 && in != 0 && io <= hw && in <= hw && io != in &&
+        entry_at(t, in - 1)->link == LINK_USED && entry_at(t, io - 1)->link == LINK_USED)
+        STORE(entry_at(t, io - 1)->link, LINK_BUSY);
+    STORE(h->intent_new, (uint64_t)0);
+    STORE(h->intent_old, (uint64_t)0);
+    for (i = 0; i < t->nslots; i++)
+        slot_store(t, i, 0);
+    h->free_head = 0;
+    h->count = 0;
+    h->high_water = hw;
+    /* Walk down, so the rebuilt free list hands out low entry numbers first. */
+    for (n = hw; n-- > 0;) {
+        struct shmkv_entry *e = entry_at(t, n);
+        int keep = e->link == LINK_USED && e->key_len <= t->key_size &&
+                   e->value_len <= t->value_size && h->count < t->capacity;
+
+        if (keep) {
+            const char *key = (const char *)entry_key(e);
+            uint64_t hash = hash_key(t, key, e->key_len), slot;
+            struct shmkv_entry *dup;
+
+            /* A key stored twice can only come from corruption: keep one copy. */
+            if (locked_find(t, hash, key, e->key_len, &slot, &dup) == SHMKV_ENOTFOUND) {
+                slot_store(t, slot, MAKE_SLOT(hash, n));
+                h->count++;
+            } else {
+                keep = 0;
+            }
+        }
+        if (!keep)
+            locked_free(t, e);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Operations: check arguments, hash, lock, one locked_* step, unlock.
+ * ---------------------------------------------------------------------------------------- */
+
+#define ENTER(t, klen)                                                                 \
+    do {                                                                               \
+        if ((t) == NULL)                                                               \
+            return SHMKV_ECLOSED;                                                      \
+        if ((klen) > (t)->key_size)                                                    \
+            return SHMKV_EKEYSIZE;                                                     \
+    } while (0)
+
+/* Copies e's value into out (if any) and returns its length. The length is read once and
+ * checked again, so that even a writer that ignores the lock cannot make it overrun. */
+static int copy_value(const shmkv_t *t, struct shmkv_entry *e, char *out, uint32_t outcap)
+{
+    uint32_t vlen = __atomic_load_n(&e->value_len, __ATOMIC_RELAXED);
+
+    if (vlen > t->value_size)
+        return SHMKV_ECORRUPT;
+    if (out != NULL) {
+        if (vlen > outcap)
+            return SHMKV_EBUFSIZE;
+        if (vlen > 0)
+            memcpy(out, entry_value(t, e), vlen);
+    }
+    return (int)vlen;
+}
+
+int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap)
+{
+    uint64_t hash, slot;
+    struct shmkv_entry *e = NULL;
+    int rc;
+
+    ENTER(t, klen);
+    hash = hash_key(t, key, klen);
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    rc = locked_find(t, hash, key, klen, &slot, &e);
+    if (rc == SHMKV_OK)
+        rc = copy_value(t, e, out, outcap);
+    if (out != NULL) {
+        if (rc >= 0)
+            t->hdr->hits++;
+        else if (rc == SHMKV_ENOTFOUND)
+            t->hdr->misses++;
+    }
+    shmkv__unlock(t);
+    return rc;
+}
+
+int shmkv_put(shmkv_t *t, const char *key, uint32_t klen, const char *value, uint32_t vlen,
+              int flags)
+{
+    uint64_t hash, slot;
+    struct shmkv_entry *e = NULL;
+    int rc;
+
+    ENTER(t, klen);
+    if (vlen > t->value_size)
+        return SHMKV_EVALUESIZE;
+    hash = hash_key(t, key, klen);
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    if (flags & SHMKV_PUT_IF_ABSENT) {
+        rc = locked_find(t, hash, key, klen, &slot, &e);
+        if (rc == SHMKV_OK)
+            rc = SHMKV_NOT_STORED;
+        else if (rc == SHMKV_ENOTFOUND) {
+            rc = locked_insert(t, slot, hash, key, klen, value, vlen);
+            if (rc == SHMKV_OK)
+                rc = SHMKV_INSERTED;
+        }
+    } else {
+        rc = locked_store(t, hash, key, klen, value, vlen);
+    }
+    DEBUG_CHECK(t);
+    shmkv__unlock(t);
+    return rc;
+}
+
+int shmkv_setdefault(shmkv_t *t, const char *key, uint32_t klen, const char *value,
+                     uint32_t vlen, char *out, uint32_t outcap)
+{
+    uint64_t hash, slot;
+    struct shmkv_entry *e = NULL;
+    int rc;
+
+    ENTER(t, klen);
+    if (vlen > t->value_size)
+        return SHMKV_EVALUESIZE;
+    hash = hash_key(t, key, klen);
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    rc = locked_find(t, hash, key, klen, &slot, &e);
+    if (rc == SHMKV_ENOTFOUND) {
+        /* Refuse before inserting: on error the table stays as it was. */
+        rc = out != NULL && vlen > outcap ? SHMKV_EBUFSIZE
+                                          : locked_insert(t, slot, hash, key, klen, value, vlen);
+        if (rc == SHMKV_OK)
+            rc = locked_find(t, hash, key, klen, &slot, &e);
+    }
+    if (rc == SHMKV_OK)
+        rc = copy_value(t, e, out, outcap);
+    DEBUG_CHECK(t);
+    shmkv__unlock(t);
+    return rc;
+}
+
+int shmkv_pop(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap)
+{
+    uint64_t hash, slot;
+    struct shmkv_entry *e = NULL;
+    int rc, len;
+
+    ENTER(t, klen);
+    hash = hash_key(t, key, klen);
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    rc = locked_find(t, hash, key, klen, &slot, &e);
+    if (rc == SHMKV_OK) {
+        len = copy_value(t, e, out, outcap);
+        rc = len < 0 ? len : locked_remove(t, slot, e);
+        if (rc == SHMKV_OK)
+            rc = len;
+    }
+    DEBUG_CHECK(t);
+    shmkv__unlock(t);
+    return rc;
+}
+
+/* Counters are little-endian on every host, so a value means the same to every reader. */
+static int64_t counter_load(const unsigned char *p)
+{
+    uint64_t v = __atomic_load_n((const uint64_t *)(const void *)p, __ATOMIC_RELAXED);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return (int64_t)v;
+}
+
+static uint64_t counter_word(int64_t value)
+{
+    uint64_t v = (uint64_t)value;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+int shmkv_incr(shmkv_t *t, const char *key, uint32_t klen, int64_t delta, int64_t initial,
+               int64_t *out)
+{
+    uint64_t hash, slot;
+    struct shmkv_entry *e = NULL;
+    int64_t result;
+    uint64_t word;
+    int rc;
+
+    ENTER(t, klen);
+    if (t->value_size < 8)
+        return SHMKV_EVALUESIZE;
+    hash = hash_key(t, key, klen);
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    rc = locked_find(t, hash, key, klen, &slot, &e);
+    if (rc == SHMKV_OK) {
+        if (e->value_len != 8)
+            rc = SHMKV_ENOTCOUNTER;
+        else if (__builtin_add_overflow(counter_load(entry_value(t, e)), delta, &result))
+            rc = SHMKV_EOVERFLOW;
+        else {
+            /* The value is 8-aligned: one store, so a crash leaves the old or the new count. */
+            word = counter_word(result);
+            __atomic_store_n((uint64_t *)(void *)entry_value(t, e), word, __ATOMIC_RELEASE);
+            t->hdr->updates++;
+        }
+    } else if (rc == SHMKV_ENOTFOUND) {
+        if (__builtin_add_overflow(initial, delta, &result))
+            rc = SHMKV_EOVERFLOW;
+        else {
+            word = counter_word(result);
+            rc = locked_insert(t, slot, hash, key, klen, (const char *)&word, 8);
+        }
+    }
+    if (rc == SHMKV_OK)
+        *out = result;
+    DEBUG_CHECK(t);
+    shmkv__unlock(t);
+    return rc;
+}
+
+int shmkv_compare_and_swap(shmkv_t *t, const char *key, uint32_t klen, const char *expected,
+                           uint32_t elen, const char *value, uint32_t vlen)
+{
+    uint64_t hash, slot;
+    struct shmkv_entry *e = NULL;
+    int rc;
+
+    ENTER(t, klen);
+    if (vlen > t->value_size)
+        return SHMKV_EVALUESIZE;
+    hash = hash_key(t, key, klen);
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    rc = locked_find(t, hash, key, klen, &slot, &e);
+    if (rc == SHMKV_ENOTFOUND)
+        rc = 0;
+    else if (rc == SHMKV_OK) {
+        if (e->value_len != elen || (elen > 0 && memcmp(entry_value(t, e), expected, elen) != 0))
+            rc = 0;
+        else {
+            rc = locked_replace(t, slot, e, hash, key, klen, value, vlen);
+            if (rc == SHMKV_OK)
+                rc = 1;
+        }
+    }
+    DEBUG_CHECK(t);
+    shmkv__unlock(t);
+    return rc;
+}
+
+int shmkv_clear(shmkv_t *t)
+{
+    struct shmkv_header *h;
+    uint64_t i;
+    int rc;
+
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    h = t->hdr;
+    /* The commit point: with no entry below high_water, a rebuild yields an empty table. */
+    STORE(h->high_water, (uint64_t)0);
+    STORE(h->free_head, (uint64_t)0);
+    for (i = 0; i < t->nslots; i++)
+        slot_store(t, i, 0);
+    STORE(h->count, (uint64_t)0);
+    DEBUG_CHECK(t);
+    shmkv__unlock(t);
+    return SHMKV_OK;
+}
+
+int64_t shmkv_len(shmkv_t *t)
+{
+    uint64_t n;
+    int rc;
+
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    n = t->hdr->count;
+    shmkv__unlock(t);
+    return n > t->capacity ? SHMKV_ECORRUPT : (int64_t)n;
+}
+
+int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
+                   char *out, uint64_t outcap, int64_t *vlens, uint64_t *needed)
+{
+    uint64_t hits = 0, misses = 0, used = 0, off = 0, slot;
+    uint32_t i;
+    int rc;
+
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    /* Hash before locking, parking each hash in vlens until its length replaces it. */
+    for (i = 0; i < n; i++) {
+        if (klens[i] > t->key_size)
+            return SHMKV_EKEYSIZE;
+        vlens[i] = (int64_t)hash_key(t, keys + off, klens[i]);
+        off += klens[i];
+    }
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    for (i = 0, off = 0; i < n && rc == SHMKV_OK; off += klens[i], i++) {
+        struct shmkv_entry *e = NULL;
+        int found = locked_find(t, (uint64_t)vlens[i], keys + off, klens[i], &slot, &e);
+
+        if (found == SHMKV_ENOTFOUND) {
+            vlens[i] = -1;
+            misses++;
+        } else if (found != SHMKV_OK) {
+            rc = found;
+        } else {
+            uint32_t vlen = __atomic_load_n(&e->value_len, __ATOMIC_RELAXED);
+
+            if (vlen > t->value_size) {
+                rc = SHMKV_ECORRUPT;
+                break;
+            }
+            if (vlen > 0 && used + vlen <= outcap)
+                memcpy(out + used, entry_value(t, e), vlen);
+            vlens[i] = vlen;
+            used += vlen;
+            hits++;
+        }
+    }
+    if (rc == SHMKV_OK && used > outcap)
+        rc = SHMKV_EBUFSIZE;
+    if (rc == SHMKV_OK) {
+        t->hdr->hits += hits;
+        t->hdr->misses += misses;
+    }
+    shmkv__unlock(t);
+    if (needed != NULL)
+        *needed = used;
+    return rc;
+}
+
+int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
+                   const char *values, const uint32_t *vlens, uint64_t *hashes)
+{
+    uint64_t koff = 0, voff = 0, fresh = 0, slot;
+    uint32_t i;
+    int rc;
+
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    for (i = 0; i < n; koff += klens[i], i++) {
+        if (klens[i] > t->key_size)
+            return SHMKV_EKEYSIZE;
+        if (vlens[i] > t->value_size)
+            return SHMKV_EVALUESIZE;
+        hashes[i] = hash_key(t, keys + koff, klens[i]);
+    }
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    /* First pass: all or nothing, so count the keys that would be new before storing any. */
+    for (i = 0, koff = 0; i < n && rc == SHMKV_OK; koff += klens[i], i++) {
+        struct shmkv_entry *e;
+        int found = locked_find(t, hashes[i], keys + koff, klens[i], &slot, &e);
+
+        if (found == SHMKV_ENOTFOUND)
+            fresh++;
+        else if (found != SHMKV_OK)
+            rc = found;
+    }
+    if (rc == SHMKV_OK && t->hdr->count + fresh > t->capacity)
+        rc = SHMKV_EFULL;
+    for (i = 0, koff = 0; i < n && rc == SHMKV_OK; koff += klens[i], voff += vlens[i], i++) {
+        int stored = locked_store(t, hashes[i], keys + koff, klens[i], values + voff, vlens[i]);
+
+        if (stored < 0)
+            rc = stored;
+    }
+    DEBUG_CHECK(t);
+    shmkv__unlock(t);
+    return rc;
+}
+
+static void put_u32(char *p, uint32_t v)
+{
+    memcpy(p, &v, sizeof v);
+}
+
+int64_t shmkv_snapshot(shmkv_t *t, int with_values, char *out, uint64_t outcap,
+                       uint64_t *needed)
+{
+    uint64_t n, hw, used = 0;
+    int64_t records = 0;
+    int rc;
+
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    hw = t->hdr->high_water;
+    if (hw > t->nentries)
+        rc = SHMKV_ECORRUPT;
+    /* In pool order: roughly insertion order, and stable for keys not written meanwhile. */
+    for (n = 0; n < hw && rc == SHMKV_OK; n++) {
+        struct shmkv_entry *e = entry_at(t, n);
+        uint32_t klen = __atomic_load_n(&e->key_len, __ATOMIC_RELAXED);
+        uint32_t vlen = __atomic_load_n(&e->value_len, __ATOMIC_RELAXED);
+        uint64_t size;
+
+        if (e->link != LINK_USED)
+            continue;
+        if (klen > t->key_size || vlen > t->value_size) {
+            rc = SHMKV_ECORRUPT;
+            break;
+        }
+        size = 4 + (uint64_t)klen + (with_values ? 4 + (uint64_t)vlen : 0);
+        if (out != NULL && used + size <= outcap) {
+            put_u32(out + used, klen);
+            memcpy(out + used + 4, entry_key(e), klen);
+            if (with_values) {
+                put_u32(out + used + 4 + klen, vlen);
+                memcpy(out + used + 8 + klen, entry_value(t, e), vlen);
+            }
+        }
+        used += size;
+        records++;
+    }
+    shmkv__unlock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    if (needed != NULL)
+        *needed = used;
+    return used > outcap ? SHMKV_EBUFSIZE : records;
+}
+
+int shmkv_stats(shmkv_t *t, struct shmkv_stats *out)
+{
+    const struct shmkv_header *h;
+    int rc;
+
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    if (out == NULL)
+        return SHMKV_EARG;
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    h = t->hdr;
+    memset(out, 0, sizeof *out);
+    /* From the handle's validated copy, not the segment: shmkv_layout() cannot fail here. */
+    shmkv_layout(t->capacity, t->key_size, t->value_size, &out->geometry);
+    out->version = h->version;
+    out->creator_pid = h->creator_pid;
+    out->count = h->count;
+    out->high_water = h->high_water;
+    out->hits = h->hits;
+    out->misses = h->misses;
+    out->inserts = h->inserts;
+    out->updates = h->updates;
+    out->deletes = h->deletes;
+    out->evictions = h->evictions;
+    out->expirations = h->expirations;
+    out->recoveries = h->recoveries;
+    out->lock_timeouts = __atomic_load_n(&h->lock_timeouts, __ATOMIC_RELAXED);
+    shmkv__unlock(t);
+    return SHMKV_OK;
+}
+
+int shmkv_check(shmkv_t *t, int *invariant)
+{
+    int rc, dummy;
+
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    if (invariant == NULL)
+        invariant = &dummy;
+    *invariant = 0;
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    rc = locked_check(t, invariant);
+    shmkv__unlock(t);
+    return rc;
+}
+
+int shmkv_testing_hold_lock(shmkv_t *t, int hold)
+{
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    if (hold)
+        return shmkv__lock(t);
+    shmkv__unlock(t);
+    return SHMKV_OK;
+}

@@ -1,0 +1,57 @@
+"""shmkv: a key-value table in OS shared memory, shared by the processes of one machine.
+
+The master creates a table, workers attach to it by name, and every get or set is a direct
+memory operation under a process-shared robust lock, done by a small C core. No server, no
+messages::
+
+    import shmkv
+    t = shmkv.create("sessions", capacity=100_000, key_size=64, value_size=1024)  # master
+    t = shmkv.attach("sessions")                                                  # worker
+    t[b"user:1"] = b"alice"; t.incr(b"hits"); t.get(b"user:1")
+"""
+
+from ._core import lib as _lib
+from ._shareddict import SharedDict
+from ._table import Table, attach, create
+from ._version import __version__
+from .errors import (
+    CheckFailed,
+    CorruptTable,
+    CounterOverflow,
+    Error,
+    IncompatibleTable,
+    KeyTooLarge,
+    LockError,
+    LockTimeout,
+    NotACounter,
+    TableClosed,
+    TableFull,
+    ValueTooLarge,
+)
+
+_EXPECTED_ABI = 1
+if _lib.shmkv_abi() != _EXPECTED_ABI:  # pragma: no cover - a stale build
+    raise ImportError(
+        f"shmkv's compiled core speaks ABI {_lib.shmkv_abi()}, this Python code ABI "
+        f"{_EXPECTED_ABI}: reinstall shmkv"
+    )
+
+__all__ = [
+    "CheckFailed",
+    "CorruptTable",
+    "CounterOverflow",
+    "Error",
+    "IncompatibleTable",
+    "KeyTooLarge",
+    "LockError",
+    "LockTimeout",
+    "NotACounter",
+    "SharedDict",
+    "Table",
+    "TableClosed",
+    "TableFull",
+    "ValueTooLarge",
+    "__version__",
+    "attach",
+    "create",
+]

@@ -1,0 +1,220 @@
+"""SharedDict: a table seen as a ``MutableMapping[str, Any]``, values through a codec.
+
+Keys are str (UTF-8 in the table); values go through ``codec.dumps`` / ``codec.loads``:
+pickle by default, json as an option, or any object with those two methods. Every operation
+is the table's one atomic operation on the encoded bytes; the read-modify-write ones
+(incr, compare_and_swap) loop on the table's compare-and-swap, so they are atomic too.
+
+Pickle is as trusted as every process that can write the segment: a process that can write
+the table can make every reader run code. Choose json where that is not acceptable.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
+from typing import Any, Protocol
+
+from ._table import _MISSING, Table
+
+
+class Codec(Protocol):
+    def dumps(self, obj: Any) -> bytes: ...
+    def loads(self, data: bytes) -> Any: ...
+
+
+class PickleCodec:
+    """The default: any picklable value, at the highest protocol."""
+
+    name = "pickle"
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+class JsonCodec:
+    """JSON values (dict, list, str, int, float, bool, None): safe to load from anyone."""
+
+    name = "json"
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return json.loads(data)
+
+
+CODECS: dict[str, Codec] = {"pickle": PickleCodec(), "json": JsonCodec()}
+
+
+def _codec(codec: str | Codec) -> Codec:
+    if isinstance(codec, str):
+        try:
+            return CODECS[codec]
+        except KeyError:
+            raise ValueError(f"unknown codec {codec!r}: one of {sorted(CODECS)}, "
+                             "or an object with dumps() and loads()") from None
+    if not (callable(getattr(codec, "dumps", None)) and callable(getattr(codec, "loads", None))):
+        raise TypeError("codec must be a name or an object with dumps() and loads()")
+    return codec
+
+
+def _key(key: object) -> bytes:
+    if not isinstance(key, str):
+        raise TypeError(f"SharedDict keys must be str, not {type(key).__name__}")
+    return key.encode("utf-8", "surrogateescape")
+
+
+def _text(key: bytes) -> str:
+    return key.decode("utf-8", "surrogateescape")
+
+
+class SharedDict(MutableMapping[str, Any]):
+    """A dict of str keys and encoded values over a :class:`Table`."""
+
+    def __init__(self, table: Table, codec: str | Codec = "pickle") -> None:
+        if not isinstance(table, Table):
+            raise TypeError(f"SharedDict needs a shmkv.Table, not {type(table).__name__}")
+        self.table = table
+        self.codec = _codec(codec)
+        self._dumps = self.codec.dumps
+        self._loads = self.codec.loads
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SharedDict, (self.table, self.codec))
+
+    def __repr__(self) -> str:
+        return f"<shmkv.SharedDict over {self.table!r}>"
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            data = self.table[_key(key)]
+        except KeyError:
+            raise KeyError(key) from None
+        return self._loads(data)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        data = self.table.get(_key(key))
+        return default if data is None else self._loads(data)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.table.set(_key(key), self._dumps(value))
+
+    def set(self, key: str, value: Any) -> None:
+        self.table.set(_key(key), self._dumps(value))
+
+    def add(self, key: str, value: Any) -> bool:
+        """Stores value only if key is absent; True if it was stored."""
+        return self.table.add(_key(key), self._dumps(value))
+
+    def __delitem__(self, key: str) -> None:
+        try:
+            del self.table[_key(key)]
+        except KeyError:
+            raise KeyError(key) from None
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and _key(key) in self.table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __iter__(self) -> Iterator[str]:
+        return (_text(key) for key in self.table)
+
+    def items(self) -> ItemsView[str, Any]:
+        return _Items(self)
+
+    def values(self) -> ValuesView[Any]:
+        return _Values(self)
+
+    def pop(self, key: str, default: Any = _MISSING) -> Any:
+        data = self.table.pop(_key(key), None)
+        if data is None:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return self._loads(data)
+
+    def popitem(self) -> tuple[str, Any]:
+        key, data = self.table.popitem()
+        return _text(key), self._loads(data)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        return self._loads(self.table.setdefault(_key(key), self._dumps(default)))
+
+    def clear(self) -> None:
+        self.table.clear()
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        pairs = dict(other.items() if isinstance(other, Mapping) else other, **kwargs)
+        self.set_many(pairs)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        found = self.table.get_many([_key(key) for key in keys])
+        return {_text(key): self._loads(data) for key, data in found.items()}
+
+    def set_many(self, mapping: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+        pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
+        self.table.set_many({_key(key): self._dumps(value) for key, value in pairs})
+
+    def compare_and_swap(self, key: str, expected: Any, new: Any) -> bool:
+        """Stores new if the value of key equals (==) expected; True if it did. Compares
+        decoded values, since equal values need not encode to equal bytes."""
+        bkey = _key(key)
+        encoded = self._dumps(new)
+        while True:
+            data = self.table.get(bkey)
+            if data is None or self._loads(data) != expected:
+                return False
+            if self.table.compare_and_swap(bkey, data, encoded):
+                return True
+
+    def incr(self, key: str, delta: int = 1, initial: int = 0) -> int:
+        """Adds delta to the int stored under key (absent: initial) and returns the result,
+        atomically across processes."""
+        bkey = _key(key)
+        while True:
+            data = self.table.get(bkey)
+            current = initial if data is None else self._loads(data)
+            if isinstance(current, bool) or not isinstance(current, int):
+                raise TypeError(f"value of {key!r} is a {type(current).__name__}, not an int")
+            result = current + delta
+            if self.table.compare_and_swap(bkey, data, self._dumps(result)):
+                return result
+
+    def stats(self) -> dict[str, Any]:
+        return self.table.stats()
+
+    def close(self) -> None:
+        self.table.close()
+
+    def __enter__(self) -> SharedDict:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Items(ItemsView[str, Any]):
+    _mapping: SharedDict
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        loads = self._mapping._loads
+        return ((_text(k), loads(v)) for k, v in self._mapping.table.items())
+
+
+class _Values(ValuesView[Any]):
+    _mapping: SharedDict
+
+    def __iter__(self) -> Iterator[Any]:
+        loads = self._mapping._loads
+        return (loads(v) for v in self._mapping.table.values())

@@ -1,0 +1,679 @@
+"""Table: a ``MutableMapping[bytes, bytes]`` over one shared-memory segment.
+
+Every operation is one call into the C core, which does it whole under the table's lock.
+Python's part is naming, lifecycle, argument checks and turning status codes into exceptions
+(``errors.error_for``). The hot methods are written for the interpreter: the C functions are
+bound once, the value buffer is reused, and bytes keys go to C without a copy.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
+from typing import Any, Union, overload
+
+from . import _segment
+from ._core import ffi, lib
+from .errors import IncompatibleTable, TableClosed, error_for
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+DEFAULT_LOCK_TIMEOUT = 5.0
+_SNAPSHOT_START = 64 * 1024
+_WHY_SIZE = 256
+_U32 = struct.Struct("=I")
+
+_get = lib.shmkv_get
+_put = lib.shmkv_put
+_pop = lib.shmkv_pop
+_NOTFOUND = lib.SHMKV_ENOTFOUND
+_CLOSED = lib.SHMKV_ECLOSED
+_INSERTED = lib.SHMKV_INSERTED
+_IF_ABSENT = lib.SHMKV_PUT_IF_ABSENT
+
+
+class _Missing:
+    pass
+
+
+_MISSING: Any = _Missing()
+
+
+def _as_bytes(obj: object, what: str) -> bytes:
+    """Copies a bytes-like argument to bytes; a clear TypeError for anything else."""
+    if isinstance(obj, bytes):
+        return obj
+    if isinstance(obj, str):
+        raise TypeError(f"{what} must be bytes-like, not str (encode it, or use SharedDict)")
+    try:
+        return memoryview(obj).tobytes()  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what} must be bytes-like, not {type(obj).__name__}") from None
+
+
+def _positive_int(value: object, what: str, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not 1 <= value <= limit:
+        raise ValueError(f"{what} must be between 1 and {limit:,}, not {value:,}")
+    return value
+
+
+def _timeout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"lock_timeout must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+class Table(MutableMapping[bytes, bytes]):
+    """A fixed-size hash table of bytes keys and bytes values in shared memory.
+
+    Make one with :func:`shmkv.create` (the master) or :func:`shmkv.attach` (a worker).
+    Behaves like a ``dict`` whose keys and values are bytes; every single operation is atomic
+    across processes. Raises :class:`~shmkv.TableClosed` once closed.
+    """
+
+    def __init__(
+        self,
+        segment: Any,
+        name: str,
+        *,
+        tracked: bool,
+        created: bool = False,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    ) -> None:
+        # Private: use shmkv.create() or shmkv.attach().
+        #: True for the handle whose create() made the table (not for those that attached).
+        self.created = created
+        self._segment = segment
+        self._name = name
+        self._tracked = tracked
+        self._h: Any = ffi.NULL
+        self._base = ffi.from_buffer("char[]", segment.buf, require_writable=True)
+        holder = ffi.new("shmkv_t **")
+        why = ffi.new("char[]", _WHY_SIZE)
+        rc = lib.shmkv_open(self._base, segment.size, holder, why, _WHY_SIZE)
+        if rc != 0:
+            self._release()
+            detail = ffi.string(why).decode(errors="replace")
+            raise error_for(rc, f"table {name!r}" + (f": {detail}" if detail else ""))
+        self._h = holder[0]
+        stats = self._raw_stats()
+        geometry = stats.geometry
+        self.capacity: int = geometry.capacity
+        self.key_size: int = geometry.key_size
+        self.value_size: int = geometry.value_size
+        self._out: Any = None
+        self._snapshot_size = _SNAPSHOT_START
+        self._lock_timeout = 0.0
+        self.lock_timeout = lock_timeout
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def name(self) -> str:
+        """The table's name, as given to create() or attach()."""
+        return self._name
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._h == ffi.NULL)
+
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds an operation waits for the lock before raising LockTimeout."""
+        return self._lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        self._lock_timeout = _timeout(seconds)
+        if not self.closed:
+            lib.shmkv_set_lock_timeout(self._h, int(self._lock_timeout * 1e9))
+
+    def close(self) -> None:
+        """Unmaps the table from this process. Idempotent; the table itself stays."""
+        if self._h != ffi.NULL:
+            lib.shmkv_close(self._h)
+            self._h = ffi.NULL
+        self._release()
+
+    def _release(self) -> None:
+        # cffi's buffer export must go before the mapping, or mmap.close() raises BufferError.
+        if self._base is not None:
+            ffi.release(self._base)
+            self._base = None
+        self._out = None
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+
+    def unlink(self) -> None:
+        """Removes the table's name from the system: no process can attach any more, and the
+        memory is freed once every process has closed it. This handle stays usable.
+        FileNotFoundError if it was already removed."""
+        _segment.unlink_semaphore(self._name)
+        _segment.unlink_segment(self._name, tracked=self._tracked)
+        self._tracked = False
+
+    def __enter__(self) -> Table:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A pickled table is its name: the receiving process attaches anew.
+        return (_reattach, (self._name, self._lock_timeout))
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"<shmkv.Table {self._name!r} closed>"
+        return (
+            f"<shmkv.Table {self._name!r} {len(self)}/{self.capacity} entries, "
+            f"key_size={self.key_size}, value_size={self.value_size}>"
+        )
+
+    # ------------------------------------------------------------------ errors
+
+    def _error(self, code: int, key: Any = None, value: Any = None) -> Exception:
+        if code == lib.SHMKV_EKEYSIZE:
+            size = len(_as_bytes(key, "key"))
+            detail = f"key of {size} bytes exceeds this table's key_size={self.key_size}"
+        elif code == lib.SHMKV_EVALUESIZE:
+            size = len(_as_bytes(value, "value")) if value is not None else 8
+            detail = f"value of {size} bytes exceeds this table's value_size={self.value_size}"
+        elif code == lib.SHMKV_EFULL:
+            detail = f"table {self._name!r} holds its capacity of {self.capacity} entries"
+        elif code == _CLOSED:
+            detail = f"table {self._name!r} is closed"
+        else:
+            detail = f"table {self._name!r}"
+        return error_for(code, detail)
+
+    def _buffers(self) -> Any:
+        # (cdata, buffer) of value_size bytes for a value read out of the table. The caller
+        # holds them (self._out is None meanwhile) until it has sliced the value out, so that
+        # a thread that runs while the C call has released the GIL gets buffers of its own.
+        out = self._out
+        self._out = None
+        if out is None:
+            if self.closed:
+                raise TableClosed(f"table {self._name!r} is closed")
+            data = ffi.new("char[]", self.value_size)
+            out = (data, ffi.buffer(data))
+        return out
+
+    # ------------------------------------------------------------------ single-key operations
+
+    def get(self, key: BytesLike, default: Any = None) -> Any:
+        """The value of key, or default if absent."""
+        # The hot path, written out: take the buffers, one C call, slice, give them back.
+        out = self._out
+        self._out = None
+        if out is None:
+            out = self._buffers()
+        try:
+            n = _get(self._h, key, len(key), out[0], self.value_size)
+        except TypeError:
+            key = _as_bytes(key, "key")
+            n = _get(self._h, key, len(key), out[0], self.value_size)
+        if n >= 0:
+            value = out[1][0:n]
+            self._out = out
+            return value
+        self._out = out
+        if n == _NOTFOUND:
+            return default
+        raise self._error(n, key)
+
+    def __getitem__(self, key: BytesLike) -> bytes:
+        value: bytes | None = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value  # type: ignore[return-value]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            n = _get(self._h, key, len(key), ffi.NULL, 0)  # type: ignore[arg-type]
+        except TypeError:
+            key = _as_bytes(key, "key")
+            n = _get(self._h, key, len(key), ffi.NULL, 0)
+        if n >= 0:
+            return True
+        if n == _NOTFOUND:
+            return False
+        raise self._error(n, key)
+
+    def _put(self, key: Any, value: Any, flags: int) -> int:
+        try:
+            rc: int = _put(self._h, key, len(key), value, len(value), flags)
+        except TypeError:
+            key = _as_bytes(key, "key")
+            value = _as_bytes(value, "value")
+            rc = _put(self._h, key, len(key), value, len(value), flags)
+        if rc < 0:
+            raise self._error(rc, key, value)
+        return rc
+
+    def __setitem__(self, key: BytesLike, value: BytesLike) -> None:
+        self._put(key, value, 0)
+
+    def set(self, key: BytesLike, value: BytesLike) -> None:
+        """Stores key = value, inserting or replacing. TableFull if key is new and the table
+        is full; KeyTooLarge / ValueTooLarge over the limits. Nothing changes on error."""
+        self._put(key, value, 0)
+
+    def add(self, key: BytesLike, value: BytesLike) -> bool:
+        """Stores key = value only if key is absent; True if it was stored."""
+        return bool(self._put(key, value, _IF_ABSENT) == _INSERTED)
+
+    def __delitem__(self, key: BytesLike) -> None:
+        try:
+            rc = _pop(self._h, key, len(key), ffi.NULL, 0)
+        except TypeError:
+            key = _as_bytes(key, "key")
+            rc = _pop(self._h, key, len(key), ffi.NULL, 0)
+        if rc < 0:
+            if rc == _NOTFOUND:
+                raise KeyError(key)
+            raise self._error(rc, key)
+
+    @overload
+    def pop(self, key: BytesLike) -> bytes: ...
+    @overload
+    def pop(self, key: BytesLike, default: Any) -> Any: ...
+
+    def pop(self, key: BytesLike, default: Any = _MISSING) -> Any:
+        """Removes key and returns its value (atomically); default or KeyError if absent."""
+        out = self._buffers()
+        try:
+            n = _pop(self._h, key, len(key), out[0], self.value_size)
+        except TypeError:
+            key = _as_bytes(key, "key")
+            n = _pop(self._h, key, len(key), out[0], self.value_size)
+        self._out = out
+        if n >= 0:
+            value: bytes = out[1][0:n]
+            return value
+        if n == _NOTFOUND:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        raise self._error(n, key)
+
+    def setdefault(self, key: BytesLike, default: BytesLike = b"") -> bytes:
+        """Returns the value of key, first storing default if key is absent (atomically)."""
+        key = _as_bytes(key, "key")
+        default = _as_bytes(default, "value")
+        out = self._buffers()
+        n = lib.shmkv_setdefault(
+            self._h, key, len(key), default, len(default), out[0], self.value_size
+        )
+        self._out = out
+        if n < 0:
+            raise self._error(n, key, default)
+        value: bytes = out[1][0:n]
+        return value
+
+    def incr(self, key: BytesLike, delta: int = 1, initial: int = 0) -> int:
+        """Adds delta to the signed 64-bit counter under key and returns the new count; an
+        absent key starts at initial. The counter is stored as 8 little-endian bytes
+        (``int.from_bytes(t[key], "little", signed=True)`` reads it). NotACounter if the
+        value is not 8 bytes; CounterOverflow past the 64-bit range; nothing changes then."""
+        for what, number in (("delta", delta), ("initial", initial)):
+            if isinstance(number, bool) or not isinstance(number, int):
+                raise TypeError(f"{what} must be an int, not {type(number).__name__}")
+            if not -(2**63) <= number < 2**63:
+                raise OverflowError(f"{what} {number} is outside the signed 64-bit range")
+        key = _as_bytes(key, "key")
+        result = ffi.new("int64_t *")
+        rc = lib.shmkv_incr(self._h, key, len(key), delta, initial, result)
+        if rc < 0:
+            raise self._error(rc, key)
+        return int(result[0])
+
+    def compare_and_swap(
+        self, key: BytesLike, expected: BytesLike | None, new: BytesLike
+    ) -> bool:
+        """Stores new under key if its value is currently expected (or, with expected None,
+        if key is absent); True if it did. One atomic step."""
+        if expected is None:
+            return self.add(key, new)
+        key = _as_bytes(key, "key")
+        expected = _as_bytes(expected, "expected")
+        new = _as_bytes(new, "value")
+        rc = lib.shmkv_compare_and_swap(
+            self._h, key, len(key), expected, len(expected), new, len(new)
+        )
+        if rc < 0:
+            raise self._error(rc, key, new)
+        return bool(rc == 1)
+
+    # ------------------------------------------------------------------ whole-table operations
+
+    def __len__(self) -> int:
+        n = lib.shmkv_len(self._h)
+        if n < 0:
+            raise self._error(n)
+        return int(n)
+
+    def clear(self) -> None:
+        """Removes every key, in one step."""
+        rc = lib.shmkv_clear(self._h)
+        if rc < 0:
+            raise self._error(rc)
+
+    def _snapshot(self, with_values: bool) -> list[Any]:
+        """Every key (or (key, value) pair) at one instant, under one lock acquisition."""
+        needed = ffi.new("uint64_t *")
+        while True:
+            size = self._snapshot_size
+            buf = ffi.new("char[]", size)
+            n = lib.shmkv_snapshot(self._h, int(with_values), buf, size, needed)
+            if n != lib.SHMKV_EBUFSIZE:
+                break
+            self._snapshot_size = needed[0] + needed[0] // 4 + 4096
+        if n < 0:
+            raise self._error(n)
+        data = ffi.buffer(buf, needed[0])[:]
+        records: list[Any] = []
+        unpack = _U32.unpack_from
+        pos = 0
+        for _ in range(n):
+            (klen,) = unpack(data, pos)
+            key = data[pos + 4 : pos + 4 + klen]
+            pos += 4 + klen
+            if with_values:
+                (vlen,) = unpack(data, pos)
+                records.append((key, data[pos + 4 : pos + 4 + vlen]))
+                pos += 4 + vlen
+            else:
+                records.append(key)
+        return records
+
+    def __iter__(self) -> Iterator[bytes]:
+        # A snapshot: safe whatever other processes do while the caller iterates.
+        return iter(self._snapshot(False))
+
+    def items(self) -> ItemsView[bytes, bytes]:
+        """A view whose iteration is one consistent snapshot of (key, value) pairs."""
+        return _SnapshotItems(self)
+
+    def values(self) -> ValuesView[bytes]:
+        return _SnapshotValues(self)
+
+    def popitem(self) -> tuple[bytes, bytes]:
+        """Removes and returns some (key, value); KeyError if the table is empty."""
+        while True:
+            keys = self._snapshot(False)
+            if not keys:
+                raise KeyError("popitem(): table is empty")
+            for key in keys:
+                value = self.pop(key, None)
+                if value is not None:
+                    return key, value
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Like dict.update, stored in one step with set_many()."""
+        if kwargs:
+            raise TypeError("Table keys are bytes; keyword arguments cannot name them")
+        self.set_many(other)
+
+    def get_many(self, keys: Iterable[BytesLike]) -> dict[bytes, bytes]:
+        """The values of the keys that are present, read under one lock acquisition."""
+        blist = [_as_bytes(key, "key") for key in keys]
+        n = len(blist)
+        if n == 0:
+            return {}
+        klens = ffi.new("uint32_t[]", [len(key) for key in blist])
+        vlens = ffi.new("int64_t[]", n)
+        needed = ffi.new("uint64_t *")
+        # Room for every value at its largest, up to 1 MiB; past that, ask C what is needed.
+        size = min(n * self.value_size, 1 << 20)
+        while True:
+            out = ffi.new("char[]", max(size, 1))
+            rc = lib.shmkv_get_many(self._h, n, b"".join(blist), klens, out, size, vlens, needed)
+            if rc != lib.SHMKV_EBUFSIZE:
+                break
+            size = needed[0]
+        if rc < 0:
+            bad = next((k for k in blist if len(k) > self.key_size), None)
+            raise self._error(rc, bad)
+        data = ffi.buffer(out, needed[0])[:]
+        result: dict[bytes, bytes] = {}
+        pos = 0
+        for key, vlen in zip(blist, ffi.unpack(vlens, n)):
+            if vlen >= 0:
+                result[key] = data[pos : pos + vlen]
+                pos += vlen
+        return result
+
+    def set_many(self, mapping: Mapping[BytesLike, BytesLike] | Iterable[Any]) -> None:
+        """Stores every pair under one lock acquisition, all or nothing: TableFull (and no
+        change) if the new keys do not fit."""
+        pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
+        batch: dict[bytes, bytes] = {}
+        for key, value in pairs:
+            batch[_as_bytes(key, "key")] = _as_bytes(value, "value")
+        if not batch:
+            if self.closed:
+                raise TableClosed(f"table {self._name!r} is closed")
+            return
+        keys = list(batch)
+        values = list(batch.values())
+        rc = lib.shmkv_set_many(
+            self._h,
+            len(keys),
+            b"".join(keys),
+            ffi.new("uint32_t[]", [len(k) for k in keys]),
+            b"".join(values),
+            ffi.new("uint32_t[]", [len(v) for v in values]),
+            ffi.new("uint64_t[]", len(keys)),
+        )
+        if rc < 0:
+            key = next((k for k in keys if len(k) > self.key_size), None)
+            value = next((v for v in values if len(v) > self.value_size), None)
+            raise self._error(rc, key, value)
+
+    # ------------------------------------------------------------------ introspection
+
+    def _raw_stats(self) -> Any:
+        stats = ffi.new("struct shmkv_stats *")
+        rc = lib.shmkv_stats(self._h, stats)
+        if rc < 0:
+            raise self._error(rc)
+        return stats
+
+    def stats(self) -> dict[str, Any]:
+        """Geometry, fill and counters, read in one consistent step."""
+        s = self._raw_stats()
+        g = s.geometry
+        return {
+            "name": self._name,
+            "version": s.version,
+            "capacity": g.capacity,
+            "len": s.count,
+            "key_size": g.key_size,
+            "value_size": g.value_size,
+            "index_slots": g.nslots,
+            "entry_size": g.entry_size,
+            "segment_size": g.total_size,
+            "high_water": s.high_water,
+            "hits": s.hits,
+            "misses": s.misses,
+            "inserts": s.inserts,
+            "updates": s.updates,
+            "deletes": s.deletes,
+            "evictions": s.evictions,
+            "expirations": s.expirations,
+            "recoveries": s.recoveries,
+            "lock_timeouts": s.lock_timeouts,
+            "creator_pid": s.creator_pid,
+        }
+
+    def check(self) -> None:
+        """Walks the whole table and verifies every invariant (see csrc/table.c).
+        CheckFailed, naming the first violated invariant, if one does not hold."""
+        invariant = ffi.new("int *")
+        rc = lib.shmkv_check(self._h, invariant)
+        if rc == lib.SHMKV_ECHECK:
+            number = invariant[0]
+            text = ffi.string(lib.shmkv_invariant_text(number)).decode()
+            exc = error_for(rc, f"table {self._name!r}: invariant {number} violated ({text})")
+            exc.invariant = number  # type: ignore[attr-defined]
+            raise exc
+        if rc < 0:
+            raise self._error(rc)
+
+    def _hold_lock_for_testing(self, hold: bool = True) -> None:
+        # Takes the lock and keeps it, so a test process can die holding it; hold=False
+        # releases it (a process must, before it closes the table).
+        rc = lib.shmkv_testing_hold_lock(self._h, int(hold))
+        if rc < 0:
+            raise self._error(rc)
+
+
+class _SnapshotItems(ItemsView[bytes, bytes]):
+    _mapping: Table
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self._mapping._snapshot(True))
+
+
+class _SnapshotValues(ValuesView[bytes]):
+    _mapping: Table
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (value for _, value in self._mapping._snapshot(True))
+
+
+# ---------------------------------------------------------------------- opening tables
+
+
+def create(
+    name: str,
+    capacity: int,
+    key_size: int = 64,
+    value_size: int = 1024,
+    *,
+    exist_ok: bool = False,
+    reserve: bool = True,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> Table:
+    """Creates the table ``name`` holding up to ``capacity`` keys of at most ``key_size``
+    bytes with values of at most ``value_size`` bytes, and returns it attached.
+
+    The creating process owns the table: it is removed when that process's tree ends, unless
+    ``unlink()`` removed it before. With ``exist_ok=True``, an existing table of that name is
+    attached instead (its geometry is kept), and among many processes doing this at once,
+    exactly one creates it; such a table has no owner and lives until ``unlink()``.
+    ``reserve=True`` allocates all its memory now, so that a full /dev/shm raises OSError
+    here rather than crashing a process later; ``reserve=False`` allocates pages as they are
+    first used, for huge sparse tables.
+
+    Raises ValueError or TypeError for bad parameters (before anything is created),
+    FileExistsError if the name is taken and not exist_ok, OSError if memory runs out, and
+    IncompatibleTable if an existing segment of that name is not a usable table.
+    """
+    name = _segment.check_name(name)
+    capacity = _positive_int(capacity, "capacity", lib.SHMKV_MAX_CAPACITY)
+    key_size = _positive_int(key_size, "key_size", lib.SHMKV_MAX_KEY_SIZE)
+    value_size = _positive_int(value_size, "value_size", lib.SHMKV_MAX_VALUE_SIZE)
+    timeout = _timeout(lock_timeout)
+    geometry = ffi.new("struct shmkv_geometry *")
+    rc = lib.shmkv_layout(capacity, key_size, value_size, geometry)
+    if rc < 0:
+        raise ValueError(f"a table of {capacity:,} entries of {key_size} + {value_size} bytes "
+                         "is too large for this machine's address space")
+    if not exist_ok:
+        return _create(name, capacity, key_size, value_size, geometry.total_size,
+                       reserve, timeout, tracked=True)
+    with _segment.CreationLock(name, timeout):
+        try:
+            return _create(name, capacity, key_size, value_size, geometry.total_size,
+                           reserve, timeout, tracked=False)
+        except FileExistsError:
+            table = attach(name, lock_timeout=timeout)
+    asked = (capacity, key_size, value_size)
+    if (table.capacity, table.key_size, table.value_size) != asked:
+        table.close()
+        raise IncompatibleTable(
+            f"table {name!r} exists with capacity={table.capacity}, key_size={table.key_size}, "
+            f"value_size={table.value_size}, not {asked}; attach() it as it is, or unlink it"
+        )
+    return table
+
+
+def _create(
+    name: str,
+    capacity: int,
+    key_size: int,
+    value_size: int,
+    size: int,
+    reserve: bool,
+    timeout: float,
+    *,
+    tracked: bool,
+) -> Table:
+    segment = _segment.open_segment(name, create=True, size=size, track=tracked)
+    try:
+        if reserve:
+            _segment.reserve(segment, name)
+        base = ffi.from_buffer("char[]", segment.buf, require_writable=True)
+        try:
+            rc = lib.shmkv_init(
+                base, segment.size, capacity, key_size, value_size, os.urandom(16), os.getpid()
+            )
+        finally:
+            ffi.release(base)
+        if rc < 0:
+            raise error_for(rc, f"creating table {name!r}")
+        return Table(segment, name, tracked=tracked, created=True, lock_timeout=timeout)
+    except BaseException:
+        segment.close()
+        _segment.unlink_segment(name, tracked=tracked)
+        raise
+
+
+def attach(name: str, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Table:
+    """Attaches to the existing table ``name``. A table still being created is waited for
+    (up to lock_timeout seconds). Never removes the table, at exit or otherwise.
+
+    Raises FileNotFoundError if there is no such segment, and IncompatibleTable if it is not
+    a shmkv table this build can use (foreign, truncated, another format, never finished).
+    """
+    name = _segment.check_name(name)
+    timeout = _timeout(lock_timeout)
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        try:
+            segment = _segment.open_segment(name, create=False, track=False)
+        except ValueError:
+            # mmap of an empty file: the creator has not sized it yet.
+            segment = None
+        if segment is not None:
+            try:
+                return Table(segment, name, tracked=False, lock_timeout=timeout)
+            except IncompatibleTable as exc:
+                if exc.code_name != "SHMKV_ENOTREADY":
+                    raise
+        if time.monotonic() >= deadline:
+            raise IncompatibleTable(
+                f"table {name!r} was never finished by its creator (did it die while "
+                "creating it?); unlink it and create it again"
+            )
+        _segment.back_off(attempt)
+        attempt += 1
+
+
+def _reattach(name: str, lock_timeout: float) -> Table:
+    return attach(name, lock_timeout=lock_timeout)

@@ -1,0 +1,89 @@
+"""Shared fixtures: every test gets table names of its own, removed afterwards."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Callable
+
+import pytest
+
+import shmkv
+
+# Every join and every wait in a multi-process test is bounded by this, so that a deadlock
+# fails the test instead of hanging the run.
+JOIN_TIMEOUT = 60.0
+
+START_METHODS = ["fork", "spawn"]
+
+
+def unique_name(prefix: str = "shmkv-test") -> str:
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def remove(name: str) -> None:
+    """Unlinks the segment and the creation semaphore of name, if they exist."""
+    from shmkv import _segment
+
+    _segment.unlink_semaphore(name)
+    try:
+        _segment.unlink_segment(name, tracked=False)
+    except FileNotFoundError:
+        pass
+
+
+@pytest.fixture
+def make_name() -> Iterator[Callable[[], str]]:
+    """Returns a factory of fresh table names; each one is unlinked at teardown."""
+    names: list[str] = []
+
+    def make() -> str:
+        name = unique_name()
+        names.append(name)
+        return name
+
+    yield make
+    for name in names:
+        remove(name)
+
+
+@pytest.fixture
+def name(make_name: Callable[[], str]) -> str:
+    return make_name()
+
+
+@pytest.fixture
+def table(name: str) -> Iterator[shmkv.Table]:
+    """A small table, created untracked-safe and unlinked at teardown."""
+    t = shmkv.create(name, capacity=64, key_size=32, value_size=64)
+    yield t
+    try:
+        t.unlink()
+    except FileNotFoundError:
+        pass
+    t.close()
+
+
+@pytest.fixture(params=START_METHODS)
+def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
+    return multiprocessing.get_context(request.param)
+
+
+def join_all(processes: list, timeout: float = JOIN_TIMEOUT) -> list[int | None]:
+    """Joins every process within timeout (in all); kills stragglers; returns exit codes."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    codes = []
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    return codes

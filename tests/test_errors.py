@@ -1,0 +1,167 @@
+"""Bad input gets a clear error and changes nothing; every C status code has its exception."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from shmkv._core import lib
+
+import shmkv
+from shmkv.errors import _ERRORS, error_for
+
+HEADER = Path(__file__).resolve().parent.parent / "csrc" / "shmkv_api.h"
+
+
+def test_every_error_code_has_its_exception() -> None:
+    codes = dict(re.findall(r"#define (SHMKV_E\w+) (-\d+)", HEADER.read_text()))
+    codes.pop("SHMKV_ELAST")
+    assert len(codes) == -lib.SHMKV_ELAST - 1
+    for name, value in codes.items():
+        assert int(value) in _ERRORS, f"{name} has no exception"
+        exc = error_for(int(value))
+        text = str(exc)
+        assert text and "unknown" not in text, name
+        if isinstance(exc, shmkv.Error):
+            assert exc.code_name == name
+
+
+def test_exceptions_are_also_builtins() -> None:
+    assert issubclass(shmkv.KeyTooLarge, ValueError) and issubclass(shmkv.KeyTooLarge, shmkv.Error)
+    assert issubclass(shmkv.ValueTooLarge, ValueError)
+    assert issubclass(shmkv.LockTimeout, TimeoutError)
+    assert issubclass(shmkv.TableClosed, ValueError)
+    assert issubclass(shmkv.CounterOverflow, OverflowError)
+    for cls in (shmkv.TableFull, shmkv.IncompatibleTable, shmkv.CorruptTable):
+        assert issubclass(cls, shmkv.Error)
+
+
+@pytest.mark.parametrize("bad", ["text", 42, 1.5, None, ["a"], object()])
+def test_non_bytes_keys_and_values_are_typeerrors(table: shmkv.Table, bad: object) -> None:
+    table[b"k"] = b"v"
+    for op in (
+        lambda: table[bad],
+        lambda: table.get(bad),
+        lambda: table.__setitem__(bad, b"v"),
+        lambda: table.__setitem__(b"k", bad),
+        lambda: table.add(b"new", bad),
+        lambda: table.__delitem__(bad),
+        lambda: bad in table,
+        lambda: table.pop(bad),
+        lambda: table.incr(bad),
+        lambda: table.setdefault(b"new", bad),
+        lambda: table.compare_and_swap(b"k", b"v", bad),
+        lambda: table.get_many([b"k", bad]),
+        lambda: table.set_many({b"new": bad}),
+    ):
+        with pytest.raises(TypeError) as info:
+            op()
+        assert "bytes" in str(info.value)
+    assert dict(table) == {b"k": b"v"}
+
+
+def test_oversize_keys_and_values_name_the_limit(table: shmkv.Table) -> None:
+    table[b"k"] = b"v"
+    long_key = b"x" * (table.key_size + 1)
+    long_value = b"y" * (table.value_size + 1)
+    for op, cls, limit in (
+        (lambda: table.__setitem__(long_key, b"v"), shmkv.KeyTooLarge, "key_size=32"),
+        (lambda: table.__setitem__(b"k", long_value), shmkv.ValueTooLarge, "value_size=64"),
+        (lambda: table.add(b"n", long_value), shmkv.ValueTooLarge, "value_size=64"),
+        (lambda: table[long_key], shmkv.KeyTooLarge, "key_size=32"),
+        (lambda: table.compare_and_swap(b"k", b"v", long_value), shmkv.ValueTooLarge,
+         "value_size=64"),
+        (lambda: table.setdefault(b"n", long_value), shmkv.ValueTooLarge, "value_size=64"),
+        (lambda: table.set_many({b"a": b"1", long_key: b"2"}), shmkv.KeyTooLarge, "key_size=32"),
+        (lambda: table.get_many([long_key]), shmkv.KeyTooLarge, "key_size=32"),
+    ):
+        with pytest.raises(cls) as info:
+            op()
+        assert limit in str(info.value)
+        assert str(table.key_size + 1) in str(info.value) or str(table.value_size + 1) in str(
+            info.value
+        )
+    assert dict(table) == {b"k": b"v"}
+    table.check()
+
+
+def test_counters_need_eight_byte_values(make_name) -> None:
+    with shmkv.create(make_name(), capacity=4, key_size=8, value_size=4) as t:
+        with pytest.raises(shmkv.ValueTooLarge):
+            t.incr(b"n")
+        assert len(t) == 0
+        t.unlink()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        ({"capacity": 0}, ValueError),
+        ({"capacity": -5}, ValueError),
+        ({"capacity": 2**40}, ValueError),
+        ({"capacity": 1.5}, TypeError),
+        ({"capacity": "10"}, TypeError),
+        ({"capacity": True}, TypeError),
+        ({"key_size": 0}, ValueError),
+        ({"key_size": 2**21}, ValueError),
+        ({"value_size": 0}, ValueError),
+        ({"value_size": None}, TypeError),
+        ({"lock_timeout": 0}, ValueError),
+        ({"lock_timeout": -1}, ValueError),
+    ],
+)
+def test_bad_geometry_is_refused_before_anything_exists(name: str, kwargs, exc) -> None:
+    params = {"capacity": 10, "key_size": 8, "value_size": 8, **kwargs}
+    with pytest.raises(exc):
+        shmkv.create(name, **params)
+    with pytest.raises(FileNotFoundError):
+        shmkv.attach(name)
+
+
+@pytest.mark.parametrize("bad", ["", "/", "a/b", "x" * 300, "nul\0", 42, None])
+def test_bad_names(bad) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        shmkv.create(bad, capacity=1)
+    with pytest.raises((ValueError, TypeError)):
+        shmkv.attach(bad)
+
+
+def test_a_table_larger_than_shared_memory_fails_at_create(name: str) -> None:
+    """With reserve=True (the default), missing room is an OSError at create, not a SIGBUS
+    later; the half-made segment is removed."""
+    import shutil
+
+    room = shutil.disk_usage("/dev/shm").total
+    entries = room // (1 << 20) + 16
+    with pytest.raises(OSError) as info:
+        shmkv.create(name, capacity=entries, key_size=8, value_size=1 << 20)
+    assert "reserve=False" in str(info.value)
+    with pytest.raises(FileNotFoundError):
+        shmkv.attach(name)
+
+
+def test_reserve_false_makes_a_sparse_table(name: str) -> None:
+    import os
+
+    t = shmkv.create(name, capacity=100_000, key_size=64, value_size=4096, reserve=False)
+    try:
+        t[b"k"] = b"v"
+        assert t[b"k"] == b"v"
+        used = os.stat(f"/dev/shm/{name}").st_blocks * 512
+        assert used < t.stats()["segment_size"] // 10
+    finally:
+        t.unlink()
+        t.close()
+
+
+def test_reserve_true_allocates_the_segment(name: str) -> None:
+    import os
+
+    t = shmkv.create(name, capacity=1000, key_size=64, value_size=4096)
+    try:
+        used = os.stat(f"/dev/shm/{name}").st_blocks * 512
+        assert used >= t.stats()["segment_size"]
+    finally:
+        t.unlink()
+        t.close()

@@ -1,0 +1,264 @@
+"""Single-process behaviour of Table: everything a dict of bytes does, and the extras."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import shmkv
+
+
+def test_behaves_like_a_dict(table: shmkv.Table) -> None:
+    """A sequence of dict operations gives the same results on a Table and on a dict."""
+    model: dict[bytes, bytes] = {}
+    for t in (table, model):
+        t[b"a"] = b"1"
+        t[b"b"] = b"2"
+        t[b"a"] = b"3"
+        del t[b"b"]
+        t.update({b"c": b"4", b"d": b"5"})
+    assert dict(table) == model
+    assert len(table) == len(model) == 3
+    assert sorted(table) == sorted(model)
+    assert sorted(table.keys()) == sorted(model.keys())
+    assert sorted(table.values()) == sorted(model.values())
+    assert sorted(table.items()) == sorted(model.items())
+    assert table == model
+    assert (b"a", b"3") in table.items()
+    assert b"3" in table.values()
+    assert b"a" in table and b"zz" not in table
+    assert table.get(b"a") == b"3" and table.get(b"zz") is None and table.get(b"zz", 7) == 7
+    assert table.pop(b"a") == model.pop(b"a")
+    assert table.pop(b"a", b"gone") == b"gone"
+    assert table.setdefault(b"e", b"6") == model.setdefault(b"e", b"6")
+    assert table.setdefault(b"e", b"7") == b"6"
+    key, value = table.popitem()
+    assert model.pop(key) == value
+    assert dict(table) == model
+    table.clear()
+    assert len(table) == 0 and list(table) == [] and dict(table) == {}
+
+
+def test_missing_keys_raise_keyerror(table: shmkv.Table) -> None:
+    with pytest.raises(KeyError):
+        table[b"nope"]
+    with pytest.raises(KeyError):
+        del table[b"nope"]
+    with pytest.raises(KeyError):
+        table.pop(b"nope")
+    table.clear()
+    with pytest.raises(KeyError):
+        table.popitem()
+
+
+def test_empty_key_and_empty_value(table: shmkv.Table) -> None:
+    table[b""] = b""
+    assert table[b""] == b"" and b"" in table and len(table) == 1
+
+
+def test_values_and_keys_of_every_length(table: shmkv.Table) -> None:
+    for n in range(table.key_size + 1):
+        key = bytes(range(n))
+        value = bytes([n]) * min(n * 2, table.value_size)
+        table[key] = value
+    for n in range(table.key_size + 1):
+        assert table[bytes(range(n))] == bytes([n]) * min(n * 2, table.value_size)
+    table.check()
+
+
+def test_bytes_like_arguments(table: shmkv.Table) -> None:
+    table[bytearray(b"k1")] = memoryview(b"v1")
+    table[memoryview(b"k2")] = bytearray(b"v2")
+    assert table[b"k1"] == b"v1" and table[bytearray(b"k2")] == b"v2"
+    assert memoryview(b"k1") in table
+    assert isinstance(table[b"k1"], bytes)
+
+
+def test_add(table: shmkv.Table) -> None:
+    assert table.add(b"k", b"first") is True
+    assert table.add(b"k", b"second") is False
+    assert table[b"k"] == b"first"
+
+
+def test_incr(table: shmkv.Table) -> None:
+    assert table.incr(b"n") == 1
+    assert table.incr(b"n", 10) == 11
+    assert table.incr(b"n", -20) == -9
+    assert table.incr(b"m", 5, initial=100) == 105
+    assert int.from_bytes(table[b"n"], "little", signed=True) == -9
+    table[b"s"] = b"text"
+    with pytest.raises(shmkv.NotACounter):
+        table.incr(b"s")
+    assert table[b"s"] == b"text"
+    table[b"big"] = (2**63 - 1).to_bytes(8, "little", signed=True)
+    with pytest.raises(shmkv.CounterOverflow):
+        table.incr(b"big")
+    assert table.incr(b"big", 0) == 2**63 - 1
+    with pytest.raises(OverflowError):
+        table.incr(b"n", 2**63)
+    with pytest.raises(TypeError):
+        table.incr(b"n", 1.5)  # type: ignore[arg-type]
+    assert table.incr(b"n", 0) == -9
+
+
+def test_compare_and_swap(table: shmkv.Table) -> None:
+    assert table.compare_and_swap(b"k", b"x", b"y") is False
+    assert b"k" not in table
+    assert table.compare_and_swap(b"k", None, b"v1") is True
+    assert table.compare_and_swap(b"k", None, b"v2") is False
+    assert table.compare_and_swap(b"k", b"wrong", b"v2") is False
+    assert table.compare_and_swap(b"k", b"v1", b"v2") is True
+    assert table[b"k"] == b"v2"
+
+
+def test_get_many_and_set_many(table: shmkv.Table) -> None:
+    table.set_many({b"a": b"1", b"b": b"2"})
+    table.set_many([(b"c", b"3"), (bytearray(b"a"), b"11")])
+    assert table.get_many([b"a", b"b", b"c", b"missing"]) == {b"a": b"11", b"b": b"2", b"c": b"3"}
+    assert table.get_many([]) == {}
+    table.set_many({})
+    hits = table.stats()["hits"]
+    table.get_many([b"a", b"nope"])
+    assert table.stats()["hits"] == hits + 1
+
+
+def test_set_many_is_all_or_nothing(make_name) -> None:
+    with shmkv.create(make_name(), capacity=3, key_size=8, value_size=8) as t:
+        t[b"a"] = b"1"
+        with pytest.raises(shmkv.TableFull):
+            t.set_many({b"a": b"x", b"b": b"2", b"c": b"3", b"d": b"4"})
+        assert dict(t) == {b"a": b"1"}
+        with pytest.raises(shmkv.ValueTooLarge):
+            t.set_many({b"b": b"2", b"c": b"x" * 9})
+        assert dict(t) == {b"a": b"1"}
+        t.set_many({b"a": b"x", b"b": b"2", b"c": b"3"})
+        assert dict(t) == {b"a": b"x", b"b": b"2", b"c": b"3"}
+        t.check()
+        t.unlink()
+
+
+def test_iteration_is_a_snapshot(table: shmkv.Table) -> None:
+    """Changing the table while iterating neither fails nor changes what is iterated."""
+    for i in range(20):
+        table[b"k%d" % i] = b"v"
+    seen = []
+    for key in table:
+        seen.append(key)
+        table.pop(b"k%d" % (19 - len(seen) + 1), None)
+        table[b"new%d" % len(seen)] = b"v"
+    assert sorted(seen) == sorted(b"k%d" % i for i in range(20))
+    for key, value in table.items():
+        del table[key]
+        assert value == b"v"
+    assert len(table) == 0
+
+
+def test_snapshot_grows_its_buffer(make_name) -> None:
+    with shmkv.create(make_name(), capacity=3000, key_size=64, value_size=64) as t:
+        expected = {(b"%064d" % i): (b"%064d" % -i) for i in range(3000)}
+        t.update(expected)
+        assert dict(t.items()) == expected
+        assert set(t) == set(expected)
+        t.unlink()
+
+
+def test_full_table_and_reuse_of_room(make_name) -> None:
+    """Exactly capacity entries fit; overwrites still work when full; deleted room is
+    reusable forever (many insert/delete cycles never exhaust the index or the pool)."""
+    with shmkv.create(make_name(), capacity=10, key_size=16, value_size=16) as t:
+        for i in range(10):
+            t[b"k%d" % i] = b"v"
+        with pytest.raises(shmkv.TableFull) as info:
+            t[b"one-more"] = b"v"
+        assert "capacity of 10" in str(info.value)
+        with pytest.raises(shmkv.TableFull):
+            t.add(b"one-more", b"v")
+        with pytest.raises(shmkv.TableFull):
+            t.incr(b"one-more")
+        with pytest.raises(shmkv.TableFull):
+            t.setdefault(b"one-more", b"v")
+        assert b"one-more" not in t and len(t) == 10
+        for i in range(10):
+            t[b"k%d" % i] = b"overwritten %d" % i
+            assert t.compare_and_swap(b"k%d" % i, b"overwritten %d" % i, b"cas")
+        for cycle in range(2000):
+            del t[b"k%d" % (cycle % 10)]
+            t[b"x%d" % cycle] = b"v"
+            t[b"k%d" % (cycle % 10)] = t.pop(b"x%d" % cycle)
+        assert len(t) == 10
+        t.check()
+        stats = t.stats()
+        assert stats["high_water"] <= 11
+        t.unlink()
+
+
+def test_stats_counters(table: shmkv.Table) -> None:
+    table[b"a"] = b"1"
+    table[b"a"] = b"2"
+    table[b"a"]
+    table.get(b"b")
+    del table[b"a"]
+    s = table.stats()
+    assert (s["inserts"], s["updates"], s["hits"], s["misses"], s["deletes"]) == (1, 1, 1, 1, 1)
+    assert s["capacity"] == 64 and s["len"] == 0 and s["recoveries"] == 0
+    assert s["key_size"] == 32 and s["value_size"] == 64
+    assert s["segment_size"] >= 64 * (32 + 64)
+    assert s["name"] == table.name
+
+
+def test_pickle_reattaches(table: shmkv.Table) -> None:
+    table[b"k"] = b"v"
+    copy = pickle.loads(pickle.dumps(table))
+    try:
+        assert copy is not table and copy[b"k"] == b"v"
+        copy[b"k2"] = b"v2"
+        assert table[b"k2"] == b"v2"
+    finally:
+        copy.close()
+
+
+def test_closed_table_raises(name: str) -> None:
+    t = shmkv.create(name, capacity=4, key_size=8, value_size=8)
+    t[b"k"] = b"v"
+    t.unlink()
+    with t:
+        pass
+    assert t.closed
+    t.close()  # idempotent
+    for op in (
+        lambda: t[b"k"],
+        lambda: t.get(b"k"),
+        lambda: t.set(b"k", b"v"),
+        lambda: b"k" in t,
+        lambda: len(t),
+        lambda: list(t),
+        lambda: t.incr(b"n"),
+        lambda: t.stats(),
+        lambda: t.get_many([b"k"]),
+        lambda: t.set_many({b"k": b"v"}),
+        lambda: t.pop(b"k"),
+        lambda: t.clear(),
+        lambda: t.check(),
+    ):
+        with pytest.raises(shmkv.TableClosed):
+            op()
+    assert "closed" in repr(t)
+
+
+def test_check_passes_on_a_busy_table(make_name) -> None:
+    with shmkv.create(make_name(), capacity=300, key_size=16, value_size=16) as t:
+        for i in range(1000):
+            t[b"%d" % (i * 7 % 300)] = b"%d" % i
+            if i % 3 == 0:
+                t.pop(b"%d" % (i * 11 % 300), None)
+        t.check()
+        t.unlink()
+
+
+def test_lock_timeout_setting(table: shmkv.Table) -> None:
+    assert table.lock_timeout == 5.0
+    table.lock_timeout = 0.5
+    assert table.lock_timeout == 0.5
+    with pytest.raises(ValueError):
+        table.lock_timeout = 0
