@@ -152,3 +152,25 @@ def hold_until(name: str, ready, done) -> None:
     done.wait(JOIN_TIMEOUT)
     os._exit(0)
 
+
+
+def count_in_shared_dict(name: str, barrier, n: int) -> None:
+    d = shmkv.SharedDict(shmkv.attach(name), codec="json")
+    barrier.wait(JOIN_TIMEOUT)
+    for _ in range(n):
+        d.incr("visits")
+    d.close()
+
+
+def test_shared_dict_incr_is_atomic_across_processes(mp_context, make_name) -> None:
+    """SharedDict.incr is a compare-and-swap loop on encoded values: no update is lost."""
+    name = make_name()
+    with shmkv.create(name, capacity=4, key_size=16, value_size=32) as t:
+        barrier = mp_context.Barrier(WORKERS)
+        procs = [mp_context.Process(target=count_in_shared_dict, args=(name, barrier, 300))
+                 for _ in range(WORKERS)]
+        for p in procs:
+            p.start()
+        assert join_all(procs) == [0] * WORKERS
+        assert shmkv.SharedDict(t, codec="json")["visits"] == WORKERS * 300
+        t.unlink()

@@ -262,3 +262,24 @@ def test_lock_timeout_setting(table: shmkv.Table) -> None:
     assert table.lock_timeout == 0.5
     with pytest.raises(ValueError):
         table.lock_timeout = 0
+
+
+@pytest.mark.parametrize("capacity, key_size, value_size",
+                         [(1, 1, 1), (10, 8, 8), (100_000, 64, 1024), (1000, 17, 99)])
+def test_memory_formula_in_readme(make_name, capacity: int, key_size: int,
+                                  value_size: int) -> None:
+    """segment_size = 448 + slots x 8 + (capacity + 1) x (24 + key_size^8 + value_size^8)."""
+    slots = 8
+    while slots <= capacity * 3 // 2:
+        slots *= 2
+    up8 = lambda n: (n + 7) // 8 * 8  # noqa: E731
+    expected = 448 + slots * 8 + (capacity + 1) * (24 + up8(key_size) + up8(value_size))
+    with shmkv.create(make_name(), capacity=capacity, key_size=key_size,
+                      value_size=value_size, reserve=False) as t:
+        stats = t.stats()
+        assert stats["segment_size"] == expected
+        assert stats["index_slots"] == slots
+        if capacity >= 8:  # below that, the 8-slot minimum index dominates
+            overhead = stats["segment_size"] - 448 - capacity * (key_size + value_size)
+            assert overhead <= 64 * capacity
+        t.unlink()
