@@ -23,18 +23,6 @@ _HAS_TRACK_PARAMETER = sys.version_info >= (3, 13)
 _untracked = threading.Lock()
 
 
-class _NoTracker:
-    """Stands in for the resource tracker while an untracked segment is opened (< 3.13)."""
-
-    @staticmethod
-    def register(name: str, rtype: str) -> None:
-        pass
-
-    @staticmethod
-    def unregister(name: str, rtype: str) -> None:
-        pass
-
-
 def check_name(name: Any) -> str:
     """The table name as given, after checking it can name a POSIX shared-memory object."""
     if not isinstance(name, str):
@@ -57,14 +45,22 @@ def open_segment(
         return factory(name, create=create, size=size, track=track)  # type: ignore[no-any-return]
     if track:
         return shared_memory.SharedMemory(name, create=create, size=size)
+    # Before 3.13 SharedMemory registers every segment it opens. Skip that one registration
+    # (3.9 imports register() at call time, 3.10-3.12 look it up on the module: patching the
+    # module's function serves both); other names pass through untouched.
+    segment_path = "/" + name
     with _untracked:
-        module: Any = shared_memory
-        saved = module.resource_tracker
-        module.resource_tracker = _NoTracker
+        register = resource_tracker.register
+
+        def register_others(path: Any, rtype: str) -> None:
+            if path != segment_path or rtype != "shared_memory":
+                register(path, rtype)
+
+        resource_tracker.register = register_others  # type: ignore[assignment]
         try:
             return shared_memory.SharedMemory(name, create=create, size=size)
         finally:
-            module.resource_tracker = saved
+            resource_tracker.register = register
 
 
 def unlink_segment(name: str, *, tracked: bool) -> None:

@@ -100,6 +100,8 @@ class Table(MutableMapping[bytes, bytes]):
             detail = ffi.string(why).decode(errors="replace")
             raise error_for(rc, f"table {name!r}" + (f": {detail}" if detail else ""))
         self._h = holder[0]
+        self._lock_timeout = _timeout(lock_timeout)
+        lib.shmkv_set_lock_timeout(self._h, int(self._lock_timeout * 1e9))
         stats = self._raw_stats()
         geometry = stats.geometry
         self.capacity: int = geometry.capacity
@@ -107,8 +109,6 @@ class Table(MutableMapping[bytes, bytes]):
         self.value_size: int = geometry.value_size
         self._out: Any = None
         self._snapshot_size = _SNAPSHOT_START
-        self._lock_timeout = 0.0
-        self.lock_timeout = lock_timeout
 
     # ------------------------------------------------------------------ lifecycle
 
