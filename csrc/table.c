@@ -622,17 +622,55 @@ void locked_rebuild(shmkv_t *t)
     }
 }
 
+/* Takes the lock of an open table: SHMKV_ECLOSED for a closed one (NULL handle). */
+static int lock_table(shmkv_t *t)
+{
+    return t == NULL ? SHMKV_ECLOSED : shmkv__lock(t);
+}
+
 /* ------------------------------------------------------------------------------------------
- * Operations: check arguments, hash, lock, one locked_* step, unlock.
+ * Single-key operations: begin_op() checks the arguments, hashes the key before taking the
+ * lock, takes it and looks the key up; the operation does its locked_* step; end_op() runs
+ * the debug check and unlocks.
  * ---------------------------------------------------------------------------------------- */
 
-#define ENTER(t, klen)                                                                 \
-    do {                                                                               \
-        if ((t) == NULL)                                                               \
-            return SHMKV_ECLOSED;                                                      \
-        if ((klen) > (t)->key_size)                                                    \
-            return SHMKV_EKEYSIZE;                                                     \
-    } while (0)
+struct op {
+    uint64_t hash;
+    uint64_t slot;             /* the key's slot, or the empty slot where it would go */
+    struct shmkv_entry *e;     /* the key's entry, if found */
+};
+
+/* Returns 0 (key found) or SHMKV_ENOTFOUND with the lock held; any other code without it.
+ * vlen is the length of the value the operation may store (0 if none). */
+static int begin_op(shmkv_t *t, const char *key, uint32_t klen, uint32_t vlen, struct op *op)
+{
+    int rc;
+
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    if (klen > t->key_size)
+        return SHMKV_EKEYSIZE;
+    if (vlen > t->value_size)
+        return SHMKV_EVALUESIZE;
+    op->hash = hash_key(t, key, klen);
+    op->e = NULL;
+    rc = shmkv__lock(t);
+    if (rc != SHMKV_OK)
+        return rc;
+    rc = locked_find(t, op->hash, key, klen, &op->slot, &op->e);
+    if (rc != SHMKV_OK && rc != SHMKV_ENOTFOUND)
+        shmkv__unlock(t);
+    return rc;
+}
+
+static int end_op(shmkv_t *t, int rc)
+{
+    DEBUG_CHECK(t);
+    shmkv__unlock(t);
+    return rc;
+}
+
+#define BEGIN_OP(t, key, klen, vlen, op)                                                   do {                                                                                       rc = begin_op((t), (key), (klen), (vlen), (op));                                       if (rc != SHMKV_OK && rc != SHMKV_ENOTFOUND)                                               return rc;                                                                     } while (0)
 
 /* Copies e's value into out (if any) and returns its length. The length is read once and
  * checked again, so that even a writer that ignores the lock cannot make it overrun. */
@@ -653,18 +691,12 @@ static int copy_value(const shmkv_t *t, struct shmkv_entry *e, char *out, uint32
 
 int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap)
 {
-    uint64_t hash, slot;
-    struct shmkv_entry *e = NULL;
+    struct op op;
     int rc;
 
-    ENTER(t, klen);
-    hash = hash_key(t, key, klen);
-    rc = shmkv__lock(t);
-    if (rc != SHMKV_OK)
-        return rc;
-    rc = locked_find(t, hash, key, klen, &slot, &e);
+    BEGIN_OP(t, key, klen, 0, &op);
     if (rc == SHMKV_OK)
-        rc = copy_value(t, e, out, outcap);
+        rc = copy_value(t, op.e, out, outcap);
     if (out != NULL) {
         if (rc >= 0)
             t->hdr->hits++;
@@ -678,96 +710,60 @@ int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t ou
 int shmkv_put(shmkv_t *t, const char *key, uint32_t klen, const char *value, uint32_t vlen,
               int flags)
 {
-    uint64_t hash, slot;
-    struct shmkv_entry *e = NULL;
+    struct op op;
     int rc;
 
-    ENTER(t, klen);
-    if (vlen > t->value_size)
-        return SHMKV_EVALUESIZE;
-    hash = hash_key(t, key, klen);
-    rc = shmkv__lock(t);
-    if (rc != SHMKV_OK)
-        return rc;
-    if (flags & SHMKV_PUT_IF_ABSENT) {
-        rc = locked_find(t, hash, key, klen, &slot, &e);
+    BEGIN_OP(t, key, klen, vlen, &op);
+    if (rc == SHMKV_ENOTFOUND) {
+        rc = locked_insert(t, op.slot, op.hash, key, klen, value, vlen);
         if (rc == SHMKV_OK)
-            rc = SHMKV_NOT_STORED;
-        else if (rc == SHMKV_ENOTFOUND) {
-            rc = locked_insert(t, slot, hash, key, klen, value, vlen);
-            if (rc == SHMKV_OK)
-                rc = SHMKV_INSERTED;
-        }
+            rc = SHMKV_INSERTED;
+    } else if (flags & SHMKV_PUT_IF_ABSENT) {
+        rc = SHMKV_NOT_STORED;
     } else {
-        rc = locked_store(t, hash, key, klen, value, vlen);
+        rc = locked_replace(t, op.slot, op.e, op.hash, key, klen, value, vlen);
+        if (rc == SHMKV_OK)
+            rc = SHMKV_REPLACED;
     }
-    DEBUG_CHECK(t);
-    shmkv__unlock(t);
-    return rc;
+    return end_op(t, rc);
 }
 
 int shmkv_setdefault(shmkv_t *t, const char *key, uint32_t klen, const char *value,
                      uint32_t vlen, char *out, uint32_t outcap)
 {
-    uint64_t hash, slot;
-    struct shmkv_entry *e = NULL;
+    struct op op;
     int rc;
 
-    ENTER(t, klen);
-    if (vlen > t->value_size)
-        return SHMKV_EVALUESIZE;
-    hash = hash_key(t, key, klen);
-    rc = shmkv__lock(t);
-    if (rc != SHMKV_OK)
-        return rc;
-    rc = locked_find(t, hash, key, klen, &slot, &e);
+    BEGIN_OP(t, key, klen, vlen, &op);
     if (rc == SHMKV_ENOTFOUND) {
         /* Refuse before inserting: on error the table stays as it was. */
         rc = out != NULL && vlen > outcap ? SHMKV_EBUFSIZE
-                                          : locked_insert(t, slot, hash, key, klen, value, vlen);
+                                          : locked_insert(t, op.slot, op.hash, key, klen, value,
+                                                          vlen);
         if (rc == SHMKV_OK)
-            rc = locked_find(t, hash, key, klen, &slot, &e);
+            rc = locked_find(t, op.hash, key, klen, &op.slot, &op.e);
     }
     if (rc == SHMKV_OK)
-        rc = copy_value(t, e, out, outcap);
-    DEBUG_CHECK(t);
-    shmkv__unlock(t);
-    return rc;
+        rc = copy_value(t, op.e, out, outcap);
+    return end_op(t, rc);
 }
 
 int shmkv_pop(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap)
 {
-    uint64_t hash, slot;
-    struct shmkv_entry *e = NULL;
+    struct op op;
     int rc, len;
 
-    ENTER(t, klen);
-    hash = hash_key(t, key, klen);
-    rc = shmkv__lock(t);
-    if (rc != SHMKV_OK)
-        return rc;
-    rc = locked_find(t, hash, key, klen, &slot, &e);
+    BEGIN_OP(t, key, klen, 0, &op);
     if (rc == SHMKV_OK) {
-        len = copy_value(t, e, out, outcap);
-        rc = len < 0 ? len : locked_remove(t, slot, e);
+        len = copy_value(t, op.e, out, outcap);
+        rc = len < 0 ? len : locked_remove(t, op.slot, op.e);
         if (rc == SHMKV_OK)
             rc = len;
     }
-    DEBUG_CHECK(t);
-    shmkv__unlock(t);
-    return rc;
+    return end_op(t, rc);
 }
 
 /* Counters are little-endian on every host, so a value means the same to every reader. */
-static int64_t counter_load(const unsigned char *p)
-{
-    uint64_t v = __atomic_load_n((const uint64_t *)(const void *)p, __ATOMIC_RELAXED);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    v = __builtin_bswap64(v);
-#endif
-    return (int64_t)v;
-}
-
 static uint64_t counter_word(int64_t value)
 {
     uint64_t v = (uint64_t)value;
@@ -777,78 +773,60 @@ static uint64_t counter_word(int64_t value)
     return v;
 }
 
+static int64_t counter_value(uint64_t word)
+{
+    return (int64_t)counter_word((int64_t)word);
+}
+
 int shmkv_incr(shmkv_t *t, const char *key, uint32_t klen, int64_t delta, int64_t initial,
                int64_t *out)
 {
-    uint64_t hash, slot;
-    struct shmkv_entry *e = NULL;
-    int64_t result;
-    uint64_t word;
+    struct op op;
+    int64_t result = 0;
+    uint64_t word, *counter;
     int rc;
 
-    ENTER(t, klen);
-    if (t->value_size < 8)
-        return SHMKV_EVALUESIZE;
-    hash = hash_key(t, key, klen);
-    rc = shmkv__lock(t);
-    if (rc != SHMKV_OK)
-        return rc;
-    rc = locked_find(t, hash, key, klen, &slot, &e);
+    /* Counters are 8 bytes: a table whose values are shorter cannot hold one. */
+    BEGIN_OP(t, key, klen, 8, &op);
     if (rc == SHMKV_OK) {
-        if (e->value_len != 8)
+        counter = (uint64_t *)(void *)entry_value(t, op.e);
+        if (op.e->value_len != 8)
             rc = SHMKV_ENOTCOUNTER;
-        else if (__builtin_add_overflow(counter_load(entry_value(t, e)), delta, &result))
+        else if (__builtin_add_overflow(
+                     counter_value(__atomic_load_n(counter, __ATOMIC_RELAXED)), delta, &result))
             rc = SHMKV_EOVERFLOW;
         else {
             /* The value is 8-aligned: one store, so a crash leaves the old or the new count. */
-            word = counter_word(result);
-            __atomic_store_n((uint64_t *)(void *)entry_value(t, e), word, __ATOMIC_RELEASE);
+            __atomic_store_n(counter, counter_word(result), __ATOMIC_RELEASE);
             t->hdr->updates++;
         }
-    } else if (rc == SHMKV_ENOTFOUND) {
-        if (__builtin_add_overflow(initial, delta, &result))
-            rc = SHMKV_EOVERFLOW;
-        else {
-            word = counter_word(result);
-            rc = locked_insert(t, slot, hash, key, klen, (const char *)&word, 8);
-        }
+    } else if (__builtin_add_overflow(initial, delta, &result)) {
+        rc = SHMKV_EOVERFLOW;
+    } else {
+        word = counter_word(result);
+        rc = locked_insert(t, op.slot, op.hash, key, klen, (const char *)&word, 8);
     }
     if (rc == SHMKV_OK)
         *out = result;
-    DEBUG_CHECK(t);
-    shmkv__unlock(t);
-    return rc;
+    return end_op(t, rc);
 }
 
 int shmkv_compare_and_swap(shmkv_t *t, const char *key, uint32_t klen, const char *expected,
                            uint32_t elen, const char *value, uint32_t vlen)
 {
-    uint64_t hash, slot;
-    struct shmkv_entry *e = NULL;
+    struct op op;
     int rc;
 
-    ENTER(t, klen);
-    if (vlen > t->value_size)
-        return SHMKV_EVALUESIZE;
-    hash = hash_key(t, key, klen);
-    rc = shmkv__lock(t);
-    if (rc != SHMKV_OK)
-        return rc;
-    rc = locked_find(t, hash, key, klen, &slot, &e);
-    if (rc == SHMKV_ENOTFOUND)
+    BEGIN_OP(t, key, klen, vlen, &op);
+    if (rc == SHMKV_ENOTFOUND || op.e->value_len != elen ||
+        (elen > 0 && memcmp(entry_value(t, op.e), expected, elen) != 0))
         rc = 0;
-    else if (rc == SHMKV_OK) {
-        if (e->value_len != elen || (elen > 0 && memcmp(entry_value(t, e), expected, elen) != 0))
-            rc = 0;
-        else {
-            rc = locked_replace(t, slot, e, hash, key, klen, value, vlen);
-            if (rc == SHMKV_OK)
-                rc = 1;
-        }
+    else {
+        rc = locked_replace(t, op.slot, op.e, op.hash, key, klen, value, vlen);
+        if (rc == SHMKV_OK)
+            rc = 1;
     }
-    DEBUG_CHECK(t);
-    shmkv__unlock(t);
-    return rc;
+    return end_op(t, rc);
 }
 
 int shmkv_clear(shmkv_t *t)
@@ -857,9 +835,7 @@ int shmkv_clear(shmkv_t *t)
     uint64_t i;
     int rc;
 
-    if (t == NULL)
-        return SHMKV_ECLOSED;
-    rc = shmkv__lock(t);
+    rc = lock_table(t);
     if (rc != SHMKV_OK)
         return rc;
     h = t->hdr;
@@ -879,9 +855,7 @@ int64_t shmkv_len(shmkv_t *t)
     uint64_t n;
     int rc;
 
-    if (t == NULL)
-        return SHMKV_ECLOSED;
-    rc = shmkv__lock(t);
+    rc = lock_table(t);
     if (rc != SHMKV_OK)
         return rc;
     n = t->hdr->count;
@@ -905,7 +879,7 @@ int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
         vlens[i] = (int64_t)hash_key(t, keys + off, klens[i]);
         off += klens[i];
     }
-    rc = shmkv__lock(t);
+    rc = lock_table(t);
     if (rc != SHMKV_OK)
         return rc;
     for (i = 0, off = 0; i < n && rc == SHMKV_OK; off += klens[i], i++) {
@@ -959,7 +933,7 @@ int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
             return SHMKV_EVALUESIZE;
         hashes[i] = hash_key(t, keys + koff, klens[i]);
     }
-    rc = shmkv__lock(t);
+    rc = lock_table(t);
     if (rc != SHMKV_OK)
         return rc;
     /* First pass: all or nothing, so count the keys that would be new before storing any. */
@@ -997,9 +971,7 @@ int64_t shmkv_snapshot(shmkv_t *t, int with_values, char *out, uint64_t outcap,
     int64_t records = 0;
     int rc;
 
-    if (t == NULL)
-        return SHMKV_ECLOSED;
-    rc = shmkv__lock(t);
+    rc = lock_table(t);
     if (rc != SHMKV_OK)
         return rc;
     hw = t->hdr->high_water;
@@ -1043,11 +1015,9 @@ int shmkv_stats(shmkv_t *t, struct shmkv_stats *out)
     const struct shmkv_header *h;
     int rc;
 
-    if (t == NULL)
-        return SHMKV_ECLOSED;
     if (out == NULL)
         return SHMKV_EARG;
-    rc = shmkv__lock(t);
+    rc = lock_table(t);
     if (rc != SHMKV_OK)
         return rc;
     h = t->hdr;
@@ -1075,12 +1045,10 @@ int shmkv_check(shmkv_t *t, int *invariant)
 {
     int rc, dummy;
 
-    if (t == NULL)
-        return SHMKV_ECLOSED;
     if (invariant == NULL)
         invariant = &dummy;
     *invariant = 0;
-    rc = shmkv__lock(t);
+    rc = lock_table(t);
     if (rc != SHMKV_OK)
         return rc;
     rc = locked_check(t, invariant);

@@ -165,3 +165,29 @@ def test_reserve_true_allocates_the_segment(name: str) -> None:
     finally:
         t.unlink()
         t.close()
+
+
+def test_every_c_call_refuses_a_closed_handle() -> None:
+    """The C core answers SHMKV_ECLOSED, not a crash, for a NULL (closed) handle."""
+    from shmkv._core import ffi
+
+    closed = lib.SHMKV_ECLOSED
+    out = ffi.new("char[]", 8)
+    n64 = ffi.new("int64_t[]", 1)
+    u32 = ffi.new("uint32_t[]", [1])
+    u64 = ffi.new("uint64_t[]", 1)
+    null = ffi.NULL
+    assert lib.shmkv_get(null, b"k", 1, out, 8) == closed
+    assert lib.shmkv_put(null, b"k", 1, b"v", 1, 0) == closed
+    assert lib.shmkv_setdefault(null, b"k", 1, b"v", 1, out, 8) == closed
+    assert lib.shmkv_pop(null, b"k", 1, out, 8) == closed
+    assert lib.shmkv_incr(null, b"k", 1, 1, 0, n64) == closed
+    assert lib.shmkv_compare_and_swap(null, b"k", 1, b"v", 1, b"w", 1) == closed
+    assert lib.shmkv_clear(null) == closed
+    assert lib.shmkv_len(null) == closed
+    assert lib.shmkv_get_many(null, 1, b"k", u32, out, 8, n64, u64) == closed
+    assert lib.shmkv_set_many(null, 1, b"k", u32, b"v", u32, u64) == closed
+    assert lib.shmkv_snapshot(null, 1, out, 8, u64) == closed
+    assert lib.shmkv_stats(null, ffi.new("struct shmkv_stats *")) == closed
+    assert lib.shmkv_check(null, ffi.new("int *")) == closed
+    assert lib.shmkv_testing_hold_lock(null, 1) == closed
