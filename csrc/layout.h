@@ -83,6 +83,7 @@ struct shmkv {
     uint64_t k0, k1;
     int64_t lock_timeout_ns;
     int lock_kind;             /* shmkv__lock_kind(), checked before every lock */
+    int debug_sound;           /* SHMKV_DEBUG: the table passed its check when locked */
 };
 
 #define ALIGN_UP(x, a) (((x) + ((a) - 1)) & ~((uint64_t)(a) - 1))

@@ -115,7 +115,7 @@ int shmkv__lock(shmkv_t *t)
         rc = timed_lock(m, t->lock_timeout_ns);
     switch (rc) {
     case 0:
-        return SHMKV_OK;
+        break;
     case EOWNERDEAD:
         locked_rebuild(t);
         t->hdr->recoveries++;
@@ -123,7 +123,7 @@ int shmkv__lock(shmkv_t *t)
             pthread_mutex_unlock(m);
             return SHMKV_EBROKEN;
         }
-        return SHMKV_OK;
+        break;
     case ETIMEDOUT:
         __atomic_fetch_add(&t->hdr->lock_timeouts, 1, __ATOMIC_RELAXED);
         return SHMKV_ELOCKTIMEOUT;
@@ -132,6 +132,14 @@ int shmkv__lock(shmkv_t *t)
     default:
         return SHMKV_ELOCK;
     }
+#ifdef SHMKV_DEBUG
+    {
+        int invariant;
+
+        t->debug_sound = locked_check(t, &invariant) == SHMKV_OK;
+    }
+#endif
+    return SHMKV_OK;
 }
 
 void shmkv__unlock(shmkv_t *t)
