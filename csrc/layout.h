@@ -18,6 +18,9 @@
  * share a line with the first slots. */
 #define SHMKV_ALIGN 64
 
+/* SHMKV_DEBUG builds check the whole table after each mutation of tables up to this size. */
+#define DEBUG_CHECK_MAX_SLOTS 4096
+
 /* Default lock wait before SHMKV_ELOCKTIMEOUT: long enough for any real operation on a
  * loaded machine (the longest, clear() or a snapshot, walk the table once), short enough that
  * a stopped (SIGSTOP) holder shows up as an error rather than a hang. */
@@ -56,7 +59,8 @@ struct shmkv_header {
     uint64_t intent_new;
     uint64_t hits, misses, inserts, updates, deletes;
     uint64_t evictions, expirations, recoveries, lock_timeouts;
-    uint64_t reserved[16];     /* room for counters of later versions without a new layout */
+    uint64_t broken;           /* 1: a recovery could not make the table sound; see lock.c */
+    uint64_t reserved[15];     /* room for counters of later versions without a new layout */
 
     pthread_mutex_t lock __attribute__((aligned(SHMKV_ALIGN)));
 };
@@ -110,8 +114,30 @@ static inline uint64_t slot_load(const shmkv_t *t, uint64_t i)
 {
     return __atomic_load_n(&t->index[i], __ATOMIC_ACQUIRE);
 }
+/* Fault injection, for the crash tests only. Once a test arms it (shmkv_testing_crash_after),
+ * every crash point counts down, and the one that reaches zero ends the process on the spot
+ * with _exit(SHMKV_FAULT_EXIT), lock held and all, as kill -9 would. Crash points stand before
+ * every ordered store (STORE, slot_store), between the key and the value of a new entry, and
+ * after the last store of an operation. Unarmed, a point costs one predictable branch. */
+extern long shmkv__fault_countdown;
+void shmkv__fault_hit(void);
+#define FAULT_POINT()                                                                  \
+    do {                                                                               \
+        if (__builtin_expect(shmkv__fault_countdown > 0, 0))                           \
+            shmkv__fault_hit();                                                        \
+    } while (0)
+
+/* The stores whose order makes a mutation crash-safe: release stores, so that the compiler
+ * keeps them in program order, each one a crash point. */
+#define STORE(lvalue, v)                                                               \
+    do {                                                                               \
+        FAULT_POINT();                                                                 \
+        __atomic_store_n(&(lvalue), (v), __ATOMIC_RELEASE);                            \
+    } while (0)
+
 static inline void slot_store(shmkv_t *t, uint64_t i, uint64_t v)
 {
+    FAULT_POINT();
     __atomic_store_n(&t->index[i], v, __ATOMIC_RELEASE);
 }
 
@@ -125,7 +151,8 @@ int locked_find(const shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
 int locked_check(shmkv_t *t, int *invariant);
 
 /* lock.c */
-int shmkv__lock(shmkv_t *t);
+#define LOCK_EVEN_BROKEN 1     /* shmkv__lock() flag: for stats and check, which only read */
+int shmkv__lock(shmkv_t *t, int flags);
 void shmkv__unlock(shmkv_t *t);
 int shmkv__init_lock(struct shmkv_header *h);
 int shmkv__lock_kind(void);

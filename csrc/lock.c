@@ -73,35 +73,75 @@ int shmkv__lock_sane(const struct shmkv_header *h)
     return lock_kind_of(h) == shmkv__lock_kind();
 }
 
+/* Waits are cut into slices of this length. Each unlock, and the kernel on an owner's death,
+ * wakes one waiter; if that waiter is killed before it takes the lock, nobody wakes the others
+ * (a lost wakeup), and a single long wait would sleep out its whole timeout beside a free
+ * lock. Slicing bounds such a stall to one slice, for the price of a waiter waking up every
+ * slice while the lock stays taken. */
+#define WAIT_SLICE_NS 10000000LL
+
+static void add_ns(struct timespec *ts, int64_t ns)
+{
+    ts->tv_sec += (time_t)(ns / 1000000000);
+    ts->tv_nsec += (long)(ns % 1000000000);
+    if (ts->tv_nsec >= 1000000000) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000;
+    }
+}
+
+static int before(const struct timespec *a, const struct timespec *b)
+{
+    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
 static int timed_lock(pthread_mutex_t *m, int64_t timeout_ns)
 {
-    struct timespec ts;
+    struct timespec deadline, slice;
 #ifdef HAVE_CLOCKLOCK
     const clockid_t clock = CLOCK_MONOTONIC;
 #else
     const clockid_t clock = CLOCK_REALTIME;
 #endif
+    int rc;
 
-    if (clock_gettime(clock, &ts) != 0)
+    if (clock_gettime(clock, &deadline) != 0)
         return EINVAL;
-    ts.tv_sec += (time_t)(timeout_ns / 1000000000);
-    ts.tv_nsec += (long)(timeout_ns % 1000000000);
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
+    slice = deadline;
+    add_ns(&deadline, timeout_ns);
+    do {
+        add_ns(&slice, WAIT_SLICE_NS);
+        if (!before(&slice, &deadline))
+            slice = deadline;
 #ifdef HAVE_CLOCKLOCK
-    return pthread_mutex_clocklock(m, clock, &ts);
+        rc = pthread_mutex_clocklock(m, clock, &slice);
 #else
-    return pthread_mutex_timedlock(m, &ts);
+        rc = pthread_mutex_timedlock(m, &slice);
 #endif
+    } while (rc == ETIMEDOUT && before(&slice, &deadline));
+    return rc;
+}
+
+/* A dead owner's table is rebuilt from its pool (table.c, RECOVERY), then verified. If the
+ * rebuilt table still fails its check, the damage is not a crash's: only corruption can do
+ * that, and no rebuild will undo it. The table is then marked broken, once and for all, and
+ * every operation but stats and check fails with SHMKV_EBROKEN instead of working on it. */
+static void locked_recover(shmkv_t *t)
+{
+    int invariant;
+
+    locked_rebuild(t);
+    t->hdr->recoveries++;
+    if (locked_check(t, &invariant) == SHMKV_ECHECK)
+        __atomic_store_n(&t->hdr->broken, (uint64_t)1, __ATOMIC_RELEASE);
 }
 
 /* Takes the table's lock. 0: held (after repairing the table if its last owner died).
  * SHMKV_ELOCKTIMEOUT: still held by another process after the handle's timeout.
- * SHMKV_EBROKEN: the mutex was left unrecoverable. SHMKV_ELOCK: any other failure, such as
- * this thread holding the lock already or a lock word that corruption made nonsense. */
-int shmkv__lock(shmkv_t *t)
+ * SHMKV_EBROKEN: the mutex was left unrecoverable, or the table is marked broken (unless
+ * flags has LOCK_EVEN_BROKEN). SHMKV_ELOCK: any other failure, such as this thread holding
+ * the lock already or a lock word that corruption made nonsense. */
+int shmkv__lock(shmkv_t *t, int flags)
 {
     pthread_mutex_t *m = &t->hdr->lock;
     int rc;
@@ -117,8 +157,7 @@ int shmkv__lock(shmkv_t *t)
     case 0:
         break;
     case EOWNERDEAD:
-        locked_rebuild(t);
-        t->hdr->recoveries++;
+        locked_recover(t);
         if (pthread_mutex_consistent(m) != 0) {
             pthread_mutex_unlock(m);
             return SHMKV_EBROKEN;
@@ -132,11 +171,16 @@ int shmkv__lock(shmkv_t *t)
     default:
         return SHMKV_ELOCK;
     }
+    if (__atomic_load_n(&t->hdr->broken, __ATOMIC_ACQUIRE) && !(flags & LOCK_EVEN_BROKEN)) {
+        pthread_mutex_unlock(m);
+        return SHMKV_EBROKEN;
+    }
 #ifdef SHMKV_DEBUG
     {
         int invariant;
 
-        t->debug_sound = locked_check(t, &invariant) == SHMKV_OK;
+        t->debug_sound = t->nslots <= DEBUG_CHECK_MAX_SLOTS &&
+                         locked_check(t, &invariant) == SHMKV_OK;
     }
 #endif
     return SHMKV_OK;

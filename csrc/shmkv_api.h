@@ -78,6 +78,7 @@ struct shmkv_stats {
     uint64_t expirations;
     uint64_t recoveries;      /* times a dead lock owner was found and the table repaired */
     uint64_t lock_timeouts;
+    uint64_t broken;          /* 1 if a recovery could not make the table sound */
 };
 
 int shmkv_abi(void);
@@ -149,6 +150,19 @@ int shmkv_stats(shmkv_t *t, struct shmkv_stats *out);
 /* Walks the whole table under the lock and verifies every invariant listed in table.c.
  * Returns 0, or SHMKV_ECHECK with the number of the first violated invariant in *invariant. */
 int shmkv_check(shmkv_t *t, int *invariant);
+
+/* Probe lengths of the live keys: hist[i] counts the keys a lookup finds at its (i+1)-th probe,
+ * the last bucket also those found later. Returns the longest probe, or a negative code. */
+int64_t shmkv_probe_lengths(shmkv_t *t, uint64_t *hist, uint32_t n);
+
+/* The thread id of the lock's owner (as the kernel records it in the robust futex), 0 if the
+ * lock is free, -1 where the C library does not say. Read without taking the lock. */
+int64_t shmkv_lock_owner(shmkv_t *t);
+
+/* For tests: the process ends with _exit(SHMKV_FAULT_EXIT) at the `points`-th crash point
+ * from now (each ordered store of a mutation is one; see layout.h); 0 disarms. */
+#define SHMKV_FAULT_EXIT 86
+void shmkv_testing_crash_after(int64_t points);
 
 /* For tests: with hold != 0, takes the table's lock and returns holding it, so that a process
  * can die as its owner; with hold == 0, releases it again. A process must release the lock

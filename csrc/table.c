@@ -59,7 +59,8 @@
  * Every operation, reads included, runs under the robust, process-shared pthread mutex in the
  * header (lock.c). Hashing and argument checks happen before taking it. Functions named
  * locked_* expect the lock held. Lock waits time out (SHMKV_ELOCKTIMEOUT) instead of hanging
- * behind a stopped process.
+ * behind a stopped process; shmkv_lock_owner() tells who holds it. glibc trusts the mutex's
+ * type word, so it is compared with a freshly made mutex's before every lock.
  *
  * RECOVERY
  * The pool is the source of truth; the index, the free list and count can be derived from it.
@@ -75,6 +76,11 @@
  * the old one is dropped (the replace rolls forward); then the index, the free list and count
  * are rebuilt from the USED entries below high_water, and BUSY entries return to the free
  * list. The rebuild is idempotent, so a recoverer killed mid-rebuild is recovered in turn.
+ * The rebuilt table is then checked (lock.c): a crash cannot leave damage that the rebuild
+ * does not mend, so a failed check means corruption, and the table is marked broken for good
+ * (every operation but stats and check fails with SHMKV_EBROKEN) rather than used.
+ * The crash tests kill a process at every one of these stores in turn: each STORE and
+ * slot_store is a crash point of the fault injection described in layout.h.
  *
  * FORMAT
  * The header starts with the magic "SHMKVTB1", the format version and a layout signature that
@@ -96,15 +102,17 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "layout.h"
 
-#define STORE(lvalue, v) __atomic_store_n(&(lvalue), (v), __ATOMIC_RELEASE)
 
 #ifdef SHMKV_DEBUG
 /* Debug builds verify every invariant after every mutation and abort if the mutation broke a
  * table that was sound when the lock was taken (lock.c notes that in t->debug_sound). A table
- * that was damaged before, as the corruption tests make them, is not our code's doing. */
+ * that was damaged before, as the corruption tests make them, is not our code's doing. The
+ * check walks the whole table, so tables of more than DEBUG_CHECK_MAX_SLOTS index slots are
+ * left out: the suite's big tables would take minutes, and small ones cover every path. */
 #define DEBUG_CHECK(t)                                                                 \
     do {                                                                               \
         int inv_ = 0;                                                                  \
@@ -114,6 +122,23 @@
 #else
 #define DEBUG_CHECK(t) ((void)0)
 #endif
+
+/* ------------------------------------------------------------------------------------------
+ * Fault injection (see layout.h)
+ * ---------------------------------------------------------------------------------------- */
+
+long shmkv__fault_countdown;
+
+void shmkv__fault_hit(void)
+{
+    if (--shmkv__fault_countdown == 0)
+        _exit(SHMKV_FAULT_EXIT);
+}
+
+void shmkv_testing_crash_after(int64_t points)
+{
+    shmkv__fault_countdown = points > 0 ? (long)points : 0;
+}
 
 /* ------------------------------------------------------------------------------------------
  * Codes and texts
@@ -475,6 +500,7 @@ static void fill_entry(const shmkv_t *t, struct shmkv_entry *e, const char *key,
     e->expires = 0;
     if (klen > 0)
         memcpy(entry_key(e), key, klen);
+    FAULT_POINT();
     if (vlen > 0)
         memcpy(entry_value(t, e), value, vlen);
 }
@@ -596,9 +622,9 @@ void locked_rebuild(shmkv_t *t)
     STORE(h->intent_old, (uint64_t)0);
     for (i = 0; i < t->nslots; i++)
         slot_store(t, i, 0);
-    h->free_head = 0;
-    h->count = 0;
-    h->high_water = hw;
+    STORE(h->free_head, (uint64_t)0);
+    STORE(h->count, (uint64_t)0);
+    STORE(h->high_water, hw);
     /* Walk down, so the rebuilt free list hands out low entry numbers first. */
     for (n = hw; n-- > 0;) {
         struct shmkv_entry *e = entry_at(t, n);
@@ -613,7 +639,7 @@ void locked_rebuild(shmkv_t *t)
             /* A key stored twice can only come from corruption: keep one copy. */
             if (locked_find(t, hash, key, e->key_len, &slot, &dup) == SHMKV_ENOTFOUND) {
                 slot_store(t, slot, MAKE_SLOT(hash, n));
-                h->count++;
+                STORE(h->count, h->count + 1);
             } else {
                 keep = 0;
             }
@@ -624,9 +650,9 @@ void locked_rebuild(shmkv_t *t)
 }
 
 /* Takes the lock of an open table: SHMKV_ECLOSED for a closed one (NULL handle). */
-static int lock_table(shmkv_t *t)
+static int lock_table(shmkv_t *t, int flags)
 {
-    return t == NULL ? SHMKV_ECLOSED : shmkv__lock(t);
+    return t == NULL ? SHMKV_ECLOSED : shmkv__lock(t, flags);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -655,7 +681,7 @@ static int begin_op(shmkv_t *t, const char *key, uint32_t klen, uint32_t vlen, s
         return SHMKV_EVALUESIZE;
     op->hash = hash_key(t, key, klen);
     op->e = NULL;
-    rc = shmkv__lock(t);
+    rc = shmkv__lock(t, 0);
     if (rc != SHMKV_OK)
         return rc;
     rc = locked_find(t, op->hash, key, klen, &op->slot, &op->e);
@@ -667,6 +693,7 @@ static int begin_op(shmkv_t *t, const char *key, uint32_t klen, uint32_t vlen, s
 static int end_op(shmkv_t *t, int rc)
 {
     DEBUG_CHECK(t);
+    FAULT_POINT();
     shmkv__unlock(t);
     return rc;
 }
@@ -798,7 +825,7 @@ int shmkv_incr(shmkv_t *t, const char *key, uint32_t klen, int64_t delta, int64_
             rc = SHMKV_EOVERFLOW;
         else {
             /* The value is 8-aligned: one store, so a crash leaves the old or the new count. */
-            __atomic_store_n(counter, counter_word(result), __ATOMIC_RELEASE);
+            STORE(*counter, counter_word(result));
             t->hdr->updates++;
         }
     } else if (__builtin_add_overflow(initial, delta, &result)) {
@@ -836,7 +863,7 @@ int shmkv_clear(shmkv_t *t)
     uint64_t i;
     int rc;
 
-    rc = lock_table(t);
+    rc = lock_table(t, 0);
     if (rc != SHMKV_OK)
         return rc;
     h = t->hdr;
@@ -846,9 +873,7 @@ int shmkv_clear(shmkv_t *t)
     for (i = 0; i < t->nslots; i++)
         slot_store(t, i, 0);
     STORE(h->count, (uint64_t)0);
-    DEBUG_CHECK(t);
-    shmkv__unlock(t);
-    return SHMKV_OK;
+    return end_op(t, SHMKV_OK);
 }
 
 int64_t shmkv_len(shmkv_t *t)
@@ -856,7 +881,7 @@ int64_t shmkv_len(shmkv_t *t)
     uint64_t n;
     int rc;
 
-    rc = lock_table(t);
+    rc = lock_table(t, 0);
     if (rc != SHMKV_OK)
         return rc;
     n = t->hdr->count;
@@ -880,7 +905,7 @@ int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
         vlens[i] = (int64_t)hash_key(t, keys + off, klens[i]);
         off += klens[i];
     }
-    rc = lock_table(t);
+    rc = lock_table(t, 0);
     if (rc != SHMKV_OK)
         return rc;
     for (i = 0, off = 0; i < n && rc == SHMKV_OK; off += klens[i], i++) {
@@ -934,7 +959,7 @@ int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
             return SHMKV_EVALUESIZE;
         hashes[i] = hash_key(t, keys + koff, klens[i]);
     }
-    rc = lock_table(t);
+    rc = lock_table(t, 0);
     if (rc != SHMKV_OK)
         return rc;
     /* First pass: all or nothing, so count the keys that would be new before storing any. */
@@ -955,9 +980,7 @@ int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
         if (stored < 0)
             rc = stored;
     }
-    DEBUG_CHECK(t);
-    shmkv__unlock(t);
-    return rc;
+    return end_op(t, rc);
 }
 
 static void put_u32(char *p, uint32_t v)
@@ -972,7 +995,7 @@ int64_t shmkv_snapshot(shmkv_t *t, int with_values, char *out, uint64_t outcap,
     int64_t records = 0;
     int rc;
 
-    rc = lock_table(t);
+    rc = lock_table(t, 0);
     if (rc != SHMKV_OK)
         return rc;
     hw = t->hdr->high_water;
@@ -1018,7 +1041,7 @@ int shmkv_stats(shmkv_t *t, struct shmkv_stats *out)
 
     if (out == NULL)
         return SHMKV_EARG;
-    rc = lock_table(t);
+    rc = lock_table(t, LOCK_EVEN_BROKEN);
     if (rc != SHMKV_OK)
         return rc;
     h = t->hdr;
@@ -1038,6 +1061,7 @@ int shmkv_stats(shmkv_t *t, struct shmkv_stats *out)
     out->expirations = h->expirations;
     out->recoveries = h->recoveries;
     out->lock_timeouts = __atomic_load_n(&h->lock_timeouts, __ATOMIC_RELAXED);
+    out->broken = h->broken;
     shmkv__unlock(t);
     return SHMKV_OK;
 }
@@ -1049,7 +1073,7 @@ int shmkv_check(shmkv_t *t, int *invariant)
     if (invariant == NULL)
         invariant = &dummy;
     *invariant = 0;
-    rc = lock_table(t);
+    rc = lock_table(t, LOCK_EVEN_BROKEN);
     if (rc != SHMKV_OK)
         return rc;
     rc = locked_check(t, invariant);
@@ -1062,7 +1086,45 @@ int shmkv_testing_hold_lock(shmkv_t *t, int hold)
     if (t == NULL)
         return SHMKV_ECLOSED;
     if (hold)
-        return shmkv__lock(t);
+        return shmkv__lock(t, LOCK_EVEN_BROKEN);
     shmkv__unlock(t);
     return SHMKV_OK;
+}
+
+int64_t shmkv_lock_owner(shmkv_t *t)
+{
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+#ifdef __GLIBC__
+    /* The robust-futex word: the owner's thread id in its low 30 bits (the kernel's ABI). */
+    return (int64_t)(__atomic_load_n(&t->hdr->lock.__data.__lock, __ATOMIC_RELAXED) &
+                     0x3fffffff);
+#else
+    return -1;
+#endif
+}
+
+int64_t shmkv_probe_lengths(shmkv_t *t, uint64_t *hist, uint32_t n)
+{
+    uint64_t i, longest = 0;
+    int rc;
+
+    if (hist == NULL || n == 0)
+        return SHMKV_EARG;
+    rc = lock_table(t, LOCK_EVEN_BROKEN);
+    if (rc != SHMKV_OK)
+        return rc;
+    memset(hist, 0, n * sizeof *hist);
+    for (i = 0; i < t->nslots; i++) {
+        uint64_t s = slot_load(t, i), probes;
+
+        if (s == 0)
+            continue;
+        probes = ((i - (SLOT_TAG(s) & t->mask)) & t->mask) + 1;
+        hist[probes < n ? probes - 1 : n - 1]++;
+        if (probes > longest)
+            longest = probes;
+    }
+    shmkv__unlock(t);
+    return (int64_t)longest;
 }

@@ -194,6 +194,9 @@ class Table(MutableMapping[bytes, bytes]):
             detail = f"table {self._name!r} holds its capacity of {self.capacity} entries"
         elif code == _CLOSED:
             detail = f"table {self._name!r} is closed"
+        elif code == lib.SHMKV_ELOCKTIMEOUT:
+            detail = (f"table {self._name!r}: waited {self._lock_timeout:g} s for the lock, "
+                      f"{_describe_owner(int(lib.shmkv_lock_owner(self._h)))}")
         else:
             detail = f"table {self._name!r}"
         return error_for(code, detail)
@@ -516,6 +519,7 @@ class Table(MutableMapping[bytes, bytes]):
             "expirations": s.expirations,
             "recoveries": s.recoveries,
             "lock_timeouts": s.lock_timeouts,
+            "broken": bool(s.broken),
             "creator_pid": s.creator_pid,
         }
 
@@ -533,12 +537,41 @@ class Table(MutableMapping[bytes, bytes]):
         if rc < 0:
             raise self._error(rc)
 
+    def probe_lengths(self) -> list[int]:
+        """How far each live key is from its home slot: element i counts the keys that a
+        lookup finds at its (i+1)-th probe (the last element, at the 32nd or later)."""
+        hist = ffi.new("uint64_t[]", 32)
+        rc = lib.shmkv_probe_lengths(self._h, hist, 32)
+        if rc < 0:
+            raise self._error(rc)
+        return [int(n) for n in hist]
+
+    def _crash_after_for_testing(self, points: int) -> None:
+        # Ends this process, lock held, at the points-th crash point from now (layout.h).
+        lib.shmkv_testing_crash_after(points)
+
     def _hold_lock_for_testing(self, hold: bool = True) -> None:
         # Takes the lock and keeps it, so a test process can die holding it; hold=False
         # releases it (a process must, before it closes the table).
         rc = lib.shmkv_testing_hold_lock(self._h, int(hold))
         if rc < 0:
             raise self._error(rc)
+
+
+def _describe_owner(tid: int) -> str:
+    """Who holds a lock, from the owner's thread id: its process, and whether it lives."""
+    if tid <= 0:
+        return "which was released meanwhile" if tid == 0 else "held by an unknown owner"
+    try:
+        with open(f"/proc/{tid}/status") as status:
+            fields = dict(line.split(":\t", 1) for line in status if ":\t" in line)
+        pid = int(fields["Tgid"])
+        state = fields.get("State", "").strip()
+    except (OSError, KeyError, ValueError):
+        return (f"held by thread {tid}, which does not exist here: the lock word is damaged, "
+                "or its owner lives in another PID namespace")
+    stopped = " and stopped" if state.startswith(("T", "t")) else ""
+    return f"held by process {pid} (alive{stopped})"
 
 
 class _SnapshotItems(ItemsView[bytes, bytes]):

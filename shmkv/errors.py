@@ -59,7 +59,13 @@ class LockTimeout(Error, builtins.TimeoutError):
 
 
 class LockError(Error):
-    """The table's lock cannot be used (left unrecoverable, or its word is damaged)."""
+    """The table's lock cannot be used: this thread holds it already, or its word is damaged."""
+
+
+class TableBroken(Error):
+    """A recovery after a crash could not make the table sound again: the damage is not a
+    crash's but corruption's. Every operation but stats() and check() raises this; recreate
+    the table."""
 
 
 class CheckFailed(Error):
@@ -80,7 +86,7 @@ _ERRORS: dict[int, tuple[type[Exception], str]] = {
     lib.SHMKV_EOVERFLOW: (CounterOverflow, ""),
     lib.SHMKV_ECLOSED: (TableClosed, ""),
     lib.SHMKV_ELOCKTIMEOUT: (LockTimeout, "another process holds it; is one stopped?"),
-    lib.SHMKV_EBROKEN: (LockError, "recreate the table"),
+    lib.SHMKV_EBROKEN: (TableBroken, "unlink it and create it again"),
     lib.SHMKV_ELOCK: (LockError, "is the lock already held by this thread?"),
     lib.SHMKV_EARG: (builtins.ValueError, ""),
     lib.SHMKV_ENOTREADY: (IncompatibleTable, "its creator has not finished creating it"),
