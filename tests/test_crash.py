@@ -189,7 +189,9 @@ def test_lock_timeout_names_the_holder(mp_context, make_name) -> None:
             os.kill(holder.pid, signal.SIGCONT)
             done.set()
         assert join_all([holder]) == [0]
-        t[b"k"] = b"v"
+        t[b"k"] = b"v"  # the holder exited holding it: recovered
+        assert t.stats()["lock_timeouts"] == 2 and t.stats()["recoveries"] == 1
+        assert isinstance(info.value, TimeoutError)
         t.unlink()
 
 

@@ -125,35 +125,6 @@ def test_lock_held_by_this_thread_is_an_error_not_a_hang(table: shmkv.Table) -> 
     table[b"k"] = b"v"
 
 
-def test_lock_timeout_names_the_wait(mp_context, make_name) -> None:
-    """A live process that keeps the lock makes others time out, never hang."""
-    name = make_name()
-    with shmkv.create(name, capacity=10, key_size=8, value_size=8, lock_timeout=0.2) as t:
-        ready, done = mp_context.Event(), mp_context.Event()
-        p = mp_context.Process(target=hold_until, args=(name, ready, done))
-        p.start()
-        try:
-            assert ready.wait(JOIN_TIMEOUT)
-            with pytest.raises(shmkv.LockTimeout):
-                t[b"k"] = b"v"
-            assert isinstance(shmkv.LockTimeout("x"), TimeoutError)
-        finally:
-            done.set()
-        assert join_all([p]) == [0]
-        t[b"k"] = b"v"
-        assert t.stats()["lock_timeouts"] == 1
-        t.unlink()
-
-
-def hold_until(name: str, ready, done) -> None:
-    t = shmkv.attach(name)
-    t._hold_lock_for_testing()
-    ready.set()
-    done.wait(JOIN_TIMEOUT)
-    os._exit(0)
-
-
-
 def count_in_shared_dict(name: str, barrier, n: int) -> None:
     d = shmkv.SharedDict(shmkv.attach(name), codec="json")
     barrier.wait(JOIN_TIMEOUT)
