@@ -302,10 +302,11 @@ class Table(MutableMapping[bytes, bytes]):
         except TypeError:
             key = _as_bytes(key, "key")
             n = _pop(self._h, key, len(key), out[0], self.value_size)
-        self._out = out
         if n >= 0:
-            value: bytes = out[1][0:n]
+            value: bytes = out[1][0:n]  # sliced before the buffers go back (see _buffers)
+            self._out = out
             return value
+        self._out = out
         if n == _NOTFOUND:
             if default is _MISSING:
                 raise KeyError(key)
@@ -320,10 +321,11 @@ class Table(MutableMapping[bytes, bytes]):
         n = lib.shmkv_setdefault(
             self._h, key, len(key), default, len(default), out[0], self.value_size
         )
-        self._out = out
         if n < 0:
+            self._out = out
             raise self._error(n, key, default)
         value: bytes = out[1][0:n]
+        self._out = out
         return value
 
     def incr(self, key: BytesLike, delta: int = 1, initial: int = 0) -> int:

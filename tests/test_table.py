@@ -283,3 +283,30 @@ def test_memory_formula_in_readme(make_name, capacity: int, key_size: int,
             overhead = stats["segment_size"] - 448 - capacity * (key_size + value_size)
             assert overhead <= 64 * capacity
         t.unlink()
+
+
+def test_threads_share_a_table(make_name) -> None:
+    """The C call releases the GIL: threads of one process must each get their own value,
+    never one another's (the reused output buffer is taken by one call at a time)."""
+    import threading
+
+    with shmkv.create(make_name(), capacity=64, key_size=8, value_size=512) as t:
+        for i in range(8):
+            t[b"k%d" % i] = bytes([i]) * 500
+        errors: list[str] = []
+
+        def reader(i: int) -> None:
+            for _ in range(3000):
+                for value in (t[b"k%d" % i], t.get(b"k%d" % i), t.setdefault(b"k%d" % i, b"")):
+                    if value != bytes([i]) * 500:
+                        errors.append(f"thread {i} read another thread's value")
+                        return
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert not any(th.is_alive() for th in threads)
+        assert errors == []
+        t.unlink()
