@@ -146,6 +146,11 @@ int64_t shmkv_snapshot(shmkv_t *t, int with_values, char *out, uint64_t outcap,
                        uint64_t *needed);
 
 int shmkv_stats(shmkv_t *t, struct shmkv_stats *out);
+/* The same without taking the lock, for a look at a table whose lock is held (inspection):
+ * each field is read once, but the fields may come from different moments. */
+int shmkv_peek_stats(shmkv_t *t, struct shmkv_stats *out);
+/* The table's geometry, from the handle's validated copy: no lock, cannot fail but closed. */
+int shmkv_geometry(shmkv_t *t, struct shmkv_geometry *out);
 
 /* Walks the whole table under the lock and verifies every invariant listed in table.c.
  * Returns 0, or SHMKV_ECHECK with the number of the first violated invariant in *invariant. */

@@ -1034,9 +1034,33 @@ int64_t shmkv_snapshot(shmkv_t *t, int with_values, char *out, uint64_t outcap,
     return used > outcap ? SHMKV_EBUFSIZE : records;
 }
 
+static void read_stats(const shmkv_t *t, struct shmkv_stats *out)
+{
+    const struct shmkv_header *h = t->hdr;
+
+    memset(out, 0, sizeof *out);
+    /* From the handle's validated copy, not the segment: shmkv_layout() cannot fail here. */
+    shmkv_layout(t->capacity, t->key_size, t->value_size, &out->geometry);
+#define READ(field) __atomic_load_n(&h->field, __ATOMIC_RELAXED)
+    out->version = READ(version);
+    out->creator_pid = READ(creator_pid);
+    out->count = READ(count);
+    out->high_water = READ(high_water);
+    out->hits = READ(hits);
+    out->misses = READ(misses);
+    out->inserts = READ(inserts);
+    out->updates = READ(updates);
+    out->deletes = READ(deletes);
+    out->evictions = READ(evictions);
+    out->expirations = READ(expirations);
+    out->recoveries = READ(recoveries);
+    out->lock_timeouts = READ(lock_timeouts);
+    out->broken = READ(broken);
+#undef READ
+}
+
 int shmkv_stats(shmkv_t *t, struct shmkv_stats *out)
 {
-    const struct shmkv_header *h;
     int rc;
 
     if (out == NULL)
@@ -1044,26 +1068,28 @@ int shmkv_stats(shmkv_t *t, struct shmkv_stats *out)
     rc = lock_table(t, LOCK_EVEN_BROKEN);
     if (rc != SHMKV_OK)
         return rc;
-    h = t->hdr;
-    memset(out, 0, sizeof *out);
-    /* From the handle's validated copy, not the segment: shmkv_layout() cannot fail here. */
-    shmkv_layout(t->capacity, t->key_size, t->value_size, &out->geometry);
-    out->version = h->version;
-    out->creator_pid = h->creator_pid;
-    out->count = h->count;
-    out->high_water = h->high_water;
-    out->hits = h->hits;
-    out->misses = h->misses;
-    out->inserts = h->inserts;
-    out->updates = h->updates;
-    out->deletes = h->deletes;
-    out->evictions = h->evictions;
-    out->expirations = h->expirations;
-    out->recoveries = h->recoveries;
-    out->lock_timeouts = __atomic_load_n(&h->lock_timeouts, __ATOMIC_RELAXED);
-    out->broken = h->broken;
+    read_stats(t, out);
     shmkv__unlock(t);
     return SHMKV_OK;
+}
+
+int shmkv_peek_stats(shmkv_t *t, struct shmkv_stats *out)
+{
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    if (out == NULL)
+        return SHMKV_EARG;
+    read_stats(t, out);
+    return SHMKV_OK;
+}
+
+int shmkv_geometry(shmkv_t *t, struct shmkv_geometry *out)
+{
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    if (out == NULL)
+        return SHMKV_EARG;
+    return shmkv_layout(t->capacity, t->key_size, t->value_size, out);
 }
 
 int shmkv_check(shmkv_t *t, int *invariant)

@@ -102,8 +102,8 @@ class Table(MutableMapping[bytes, bytes]):
         self._h = holder[0]
         self._lock_timeout = _timeout(lock_timeout)
         lib.shmkv_set_lock_timeout(self._h, int(self._lock_timeout * 1e9))
-        stats = self._raw_stats()
-        geometry = stats.geometry
+        geometry = ffi.new("struct shmkv_geometry *")
+        lib.shmkv_geometry(self._h, geometry)
         self.capacity: int = geometry.capacity
         self.key_size: int = geometry.key_size
         self.value_size: int = geometry.value_size
@@ -490,16 +490,13 @@ class Table(MutableMapping[bytes, bytes]):
 
     # ------------------------------------------------------------------ introspection
 
-    def _raw_stats(self) -> Any:
-        stats = ffi.new("struct shmkv_stats *")
-        rc = lib.shmkv_stats(self._h, stats)
+    def stats(self, *, wait: bool = True) -> dict[str, Any]:
+        """Geometry, fill and counters, read in one consistent step under the lock. With
+        wait=False, read without the lock (never blocks; the figures may be mid-update)."""
+        s = ffi.new("struct shmkv_stats *")
+        rc = (lib.shmkv_stats if wait else lib.shmkv_peek_stats)(self._h, s)
         if rc < 0:
             raise self._error(rc)
-        return stats
-
-    def stats(self) -> dict[str, Any]:
-        """Geometry, fill and counters, read in one consistent step."""
-        s = self._raw_stats()
         g = s.geometry
         return {
             "name": self._name,
