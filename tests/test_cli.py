@@ -18,18 +18,13 @@ TIMEOUT = 60
 
 
 @pytest.fixture
-def filled(name: str):
-    t = shmkv.create(name, capacity=100, key_size=16, value_size=32)
+def filled(table: shmkv.Table) -> shmkv.Table:
+    """The conftest table (capacity 64) with 14 keys, one of them binary, one a counter."""
     for i in range(12):
-        t[b"user:%02d" % i] = b"name %d" % i
-    t[b"bin\x00\xff"] = b"\x01\x02"
-    t.incr(b"hits", 7)
-    yield t
-    try:
-        t.unlink()
-    except FileNotFoundError:
-        pass
-    t.close()
+        table[b"user:%02d" % i] = b"name %d" % i
+    table[b"bin\x00\xff"] = b"\x01\x02"
+    table.incr(b"hits", 7)
+    return table
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -45,7 +40,7 @@ def test_list(filled, capsys) -> None:
     assert main(["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     row = next(r for r in rows if r["name"] == filled.name)
-    assert row["len"] == 14 and row["capacity"] == 100 and row["creator_alive"]
+    assert row["len"] == 14 and row["capacity"] == 64 and row["creator_alive"]
     assert row["resident_bytes"] >= row["segment_size"]  # reserved at creation
 
 
@@ -64,7 +59,7 @@ def test_list_skips_foreign_segments(make_name, capsys) -> None:
 def test_one_table(filled, capsys) -> None:
     assert main([filled.name]) == 0
     out = capsys.readouterr().out
-    for words in ("capacity 100 entries", "14 entries (14.0%)", "lock      free",
+    for words in ("capacity 64 entries", "14 entries (21.9%)", "lock      free",
                   "recoveries 0", "probes", "reserved", "resident"):
         assert words in out, words
     assert main([filled.name, "--json"]) == 0
@@ -97,7 +92,7 @@ def test_check(filled, capsys) -> None:
     assert main([filled.name, "--check"]) == 0
     assert "ok" in capsys.readouterr().out
     raw = _segment.open_segment(filled.name, create=False, track=False)
-    raw.buf[128:136] = (99).to_bytes(8, "little")  # count: csrc/layout.h
+    raw.buf[128:136] = (50).to_bytes(8, "little")  # count (<= capacity 64): csrc/layout.h
     raw.close()
     assert main([filled.name, "--check"]) == 1
     err = capsys.readouterr().err
@@ -108,7 +103,7 @@ def test_check(filled, capsys) -> None:
 
 def test_watch(filled, capsys) -> None:
     assert main([filled.name, "--watch", "0.01", "--count", "3"]) == 0
-    assert capsys.readouterr().out.count("capacity 100 entries") == 3
+    assert capsys.readouterr().out.count("capacity 64 entries") == 3
     assert main([filled.name, "--watch", "0.01", "--count", "2", "--json"]) == 0
     assert [json.loads(line)["len"] for line in capsys.readouterr().out.splitlines()] == [14, 14]
 
