@@ -207,12 +207,13 @@ class Table(MutableMapping[bytes, bytes]):
         # a thread that runs while the C call has released the GIL gets buffers of its own.
         out = self._out
         self._out = None
-        if out is None:
-            if self.closed:
-                raise TableClosed(f"table {self._name!r} is closed")
-            data = ffi.new("char[]", self.value_size)
-            out = (data, ffi.buffer(data))
-        return out
+        return out if out is not None else self._new_buffers()
+
+    def _new_buffers(self) -> Any:
+        if self.closed:
+            raise TableClosed(f"table {self._name!r} is closed")
+        data = ffi.new("char[]", self.value_size)
+        return (data, ffi.buffer(data))
 
     # ------------------------------------------------------------------ single-key operations
 
@@ -222,7 +223,7 @@ class Table(MutableMapping[bytes, bytes]):
         out = self._out
         self._out = None
         if out is None:
-            out = self._buffers()
+            out = self._new_buffers()
         try:
             n = _get(self._h, key, len(key), out[0], self.value_size)
         except TypeError:
@@ -438,6 +439,7 @@ class Table(MutableMapping[bytes, bytes]):
         n = len(blist)
         if n == 0:
             return {}
+        joined = b"".join(blist)
         klens = ffi.new("uint32_t[]", [len(key) for key in blist])
         vlens = ffi.new("int64_t[]", n)
         needed = ffi.new("uint64_t *")
@@ -445,7 +447,7 @@ class Table(MutableMapping[bytes, bytes]):
         size = min(n * self.value_size, 1 << 20)
         while True:
             out = ffi.new("char[]", max(size, 1))
-            rc = lib.shmkv_get_many(self._h, n, b"".join(blist), klens, out, size, vlens, needed)
+            rc = lib.shmkv_get_many(self._h, n, joined, klens, out, size, vlens, needed)
             if rc != lib.SHMKV_EBUFSIZE:
                 break
             size = needed[0]
@@ -557,20 +559,28 @@ class Table(MutableMapping[bytes, bytes]):
             raise self._error(rc)
 
 
-def _describe_owner(tid: int) -> str:
-    """Who holds a lock, from the owner's thread id: its process, and whether it lives."""
-    if tid <= 0:
-        return "which was released meanwhile" if tid == 0 else "held by an unknown owner"
+def process_state(tid: int) -> tuple[int, str] | None:
+    """The process of a thread (or process) id and "alive" or "alive and stopped"; None if
+    no such thread exists here."""
     try:
         with open(f"/proc/{tid}/status") as status:
             fields = dict(line.split(":\t", 1) for line in status if ":\t" in line)
         pid = int(fields["Tgid"])
-        state = fields.get("State", "").strip()
     except (OSError, KeyError, ValueError):
+        return None
+    stopped = fields.get("State", "").strip().startswith(("T", "t"))
+    return pid, "alive and stopped" if stopped else "alive"
+
+
+def _describe_owner(tid: int) -> str:
+    """Who holds a lock, from the owner's thread id: its process, and whether it lives."""
+    if tid <= 0:
+        return "which was released meanwhile" if tid == 0 else "held by an unknown owner"
+    found = process_state(tid)
+    if found is None:
         return (f"held by thread {tid}, which does not exist here: the lock word is damaged, "
                 "or its owner lives in another PID namespace")
-    stopped = " and stopped" if state.startswith(("T", "t")) else ""
-    return f"held by process {pid} (alive{stopped})"
+    return f"held by process {found[0]} ({found[1]})"
 
 
 class _SnapshotItems(ItemsView[bytes, bytes]):

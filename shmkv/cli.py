@@ -89,37 +89,38 @@ def _open(name: str) -> _table.Table:
         raise Failure(f"cannot open {name!r}: {exc}", EXIT_NO_TABLE) from None
 
 
-def _pid_state(pid: int) -> str:
+def summary(t: _table.Table, wait: bool = True) -> dict[str, Any]:
+    """Counters, fill and memory: what the list shows of each table. Never waits long on a
+    held lock (the very case an operator looks for): it then reads the counters without it,
+    as it does at once with wait=False."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "gone"
-    except PermissionError:
-        pass
-    return "alive"
-
-
-def describe(t: _table.Table) -> dict[str, Any]:
-    """Everything the one-table view shows, as plain data."""
-    from ._core import lib
-
-    try:
-        stats = t.stats()
-        probes: list[int] | None = t.probe_lengths()
+        stats = t.stats(wait=wait)
     except (LockTimeout, LockError):
-        # Someone holds the lock (the very case an operator looks for): read without it.
         stats = t.stats(wait=False)
-        probes = None
     try:
         resident = os.stat(os.path.join(SHM_DIR, t.name)).st_blocks * 512
     except OSError:
         resident = None
-    owner = int(lib.shmkv_lock_owner(t._h))
     return {
         **stats,
         "fill": stats["len"] / stats["capacity"],
         "resident_bytes": resident,
-        "creator_alive": _pid_state(stats["creator_pid"]) == "alive",
+        "creator_alive": _table.process_state(stats["creator_pid"]) is not None,
+    }
+
+
+def describe(t: _table.Table) -> dict[str, Any]:
+    """Everything the one-table view shows, as plain data: the summary, the lock's holder
+    and the probe lengths (unknown while another process holds the lock)."""
+    from ._core import lib
+
+    owner = int(lib.shmkv_lock_owner(t._h))
+    try:
+        probes: list[int] | None = t.probe_lengths()
+    except (LockTimeout, LockError):
+        probes = None
+    return {
+        **summary(t, wait=probes is not None),
         "lock": "free" if owner == 0 else _table._describe_owner(owner),
         "lock_owner_tid": owner,
         "probe_lengths": probes,
@@ -127,7 +128,7 @@ def describe(t: _table.Table) -> dict[str, Any]:
 
 
 def _row(t: _table.Table) -> dict[str, Any]:
-    d = describe(t)
+    d = summary(t)
     keep = ("name", "capacity", "len", "fill", "segment_size", "resident_bytes",
             "creator_pid", "creator_alive", "broken")
     return {k: d[k] for k in keep}

@@ -71,6 +71,19 @@ def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseCo
     return multiprocessing.get_context(request.param)
 
 
+def hold_lock(name: str, ready, done, die: bool) -> None:
+    """A child process: takes the table's lock, sets ready, waits for done; then dies still
+    holding the lock (die) or releases it and returns."""
+    t = shmkv.attach(name)
+    t._hold_lock_for_testing()
+    ready.set()
+    done.wait(JOIN_TIMEOUT)
+    if die:
+        os._exit(0)
+    t._hold_lock_for_testing(False)
+    t.close()
+
+
 def join_all(processes: list, timeout: float = JOIN_TIMEOUT) -> list[int | None]:
     """Joins every process within timeout (in all); kills stragglers; returns exit codes."""
     import time

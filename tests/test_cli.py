@@ -9,6 +9,7 @@ import sys
 from multiprocessing import shared_memory
 
 import pytest
+from conftest import hold_lock
 
 import shmkv
 from shmkv import _segment
@@ -159,22 +160,13 @@ def test_exit_codes_and_one_line_messages(filled, make_name) -> None:
         assert "Traceback" not in r.stderr
 
 
-def hold_until(name: str, ready, done) -> None:
-    t = shmkv.attach(name)
-    t._hold_lock_for_testing()
-    ready.set()
-    done.wait(TIMEOUT)
-    t._hold_lock_for_testing(False)
-    t.close()
-
-
 def test_a_held_lock_is_shown_not_waited_for(filled, capsys) -> None:
     """The view of a table whose lock another process holds names that process, at once."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     ready, done = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=hold_until, args=(filled.name, ready, done))
+    holder = ctx.Process(target=hold_lock, args=(filled.name, ready, done, False))
     holder.start()
     try:
         assert ready.wait(TIMEOUT)

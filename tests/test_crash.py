@@ -19,7 +19,7 @@ import zlib
 from typing import Any, Callable
 
 import pytest
-from conftest import JOIN_TIMEOUT, join_all
+from conftest import JOIN_TIMEOUT, hold_lock, join_all
 from shmkv._core import lib
 
 import shmkv
@@ -134,14 +134,6 @@ def test_a_recoverer_killed_while_rebuilding_is_recovered_in_turn(mp_context, ma
     assert crashes >= 10
 
 
-def hold_until(name: str, ready, done) -> None:
-    t = shmkv.attach(name)
-    t._hold_lock_for_testing()
-    ready.set()
-    done.wait(JOIN_TIMEOUT)
-    os._exit(0)
-
-
 def test_a_table_that_recovery_cannot_mend_is_broken_not_hung(mp_context, make_name) -> None:
     """Damage no rebuild can undo (here: the header's geometry) marks the table broken on its
     next recovery; then every operation raises TableBroken at once."""
@@ -149,7 +141,7 @@ def test_a_table_that_recovery_cannot_mend_is_broken_not_hung(mp_context, make_n
     with shmkv.create(name, capacity=5, key_size=8, value_size=16) as t:
         t.update(BEFORE)
         ready, done = mp_context.Event(), mp_context.Event()
-        dead = mp_context.Process(target=hold_until, args=(name, ready, done))
+        dead = mp_context.Process(target=hold_lock, args=(name, ready, done, True))
         dead.start()
         assert ready.wait(JOIN_TIMEOUT)
         raw = _segment.open_segment(name, create=False, track=False)
@@ -173,7 +165,7 @@ def test_lock_timeout_names_the_holder(mp_context, make_name) -> None:
     name = make_name()
     with shmkv.create(name, capacity=5, key_size=8, value_size=16, lock_timeout=0.2) as t:
         ready, done = mp_context.Event(), mp_context.Event()
-        holder = mp_context.Process(target=hold_until, args=(name, ready, done))
+        holder = mp_context.Process(target=hold_lock, args=(name, ready, done, True))
         holder.start()
         try:
             assert ready.wait(JOIN_TIMEOUT)
