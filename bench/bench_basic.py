@@ -38,12 +38,24 @@ def measure(op: Callable[[bytes], object], keys: list[bytes], seconds: float) ->
     return statistics.median(rates)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options every one-process benchmark here takes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--value-size", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=0.5)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def print_header(args: argparse.Namespace) -> None:
+    """The date, machine and workload of a run, above its table."""
+    print(f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
+          f"Python {platform.python_version()}  shmkv {shmkv.__version__}  cores {os.cpu_count()}")
+    print(f"# {args.keys:,} keys of 16 bytes, values of {args.value_size} bytes, one process")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__, argv)
 
     keys = [b"%016d" % i for i in range(args.keys)]
     value = os.urandom(args.value_size)
@@ -62,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         table.unlink()
         table.close()
 
-    print(f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
-          f"Python {platform.python_version()}  shmkv {shmkv.__version__}  cores {os.cpu_count()}")
-    print(f"# {args.keys:,} keys of 16 bytes, values of {args.value_size} bytes, one process")
+    print_header(args)
     print(f"{'op':<5} {'store':<6} {'ops/s':>12} {'ns/op':>8} {'vs dict':>8}")
     ceiling = {op: rate for op, store, rate in rows if store == "dict"}
     for op, store, rate in rows:

@@ -23,7 +23,7 @@ int locked_check(shmkv_t *t, int *invariant)
     const struct shmkv_header *h = t->hdr;
     struct shmkv_geometry g;
     uint64_t count = h->count, hw = h->high_water, used_slots = 0, empty = 0, used = 0;
-    uint64_t i, n, steps, head;
+    uint64_t next_expiry = h->next_expiry, i, n, steps, head;
     unsigned char *seen = calloc((size_t)(t->nentries + 7) / 8, 1);
     int rc = SHMKV_OK;
 
@@ -37,7 +37,7 @@ int locked_check(shmkv_t *t, int *invariant)
                  g.nentries == h->nentries && g.entry_size == h->entry_size &&
                  g.index_offset == h->index_offset && g.entries_offset == h->entries_offset &&
                  g.total_size == h->total_size);
-    CHECK(2, count <= t->capacity && hw <= t->nentries);
+    CHECK(2, count <= t->capacity && hw <= t->nentries && h->clock_hand < t->nentries);
 
     for (i = 0; i < t->nslots; i++) {
         uint64_t s = slot_load(t, i), hash, found_slot = 0;
@@ -62,8 +62,15 @@ int locked_check(shmkv_t *t, int *invariant)
         BIT_SET(seen, n1 - 1);
     }
     CHECK(7, used_slots == count);
-    for (n = 0; n < hw; n++)
-        used += entry_at(t, n)->link == LINK_USED;
+    for (n = 0; n < hw; n++) {
+        const struct shmkv_entry *e = entry_at(t, n);
+
+        if (e->link != LINK_USED)
+            continue;
+        used++;
+        CHECK(9, e->referenced != REF_PINNED);
+        CHECK(11, e->expires == 0 || (next_expiry != 0 && next_expiry <= e->expires));
+    }
     CHECK(7, used == count);
 
     /* Free entries are never USED, so none of them is marked in `seen` yet: a second visit

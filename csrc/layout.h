@@ -9,7 +9,7 @@
 #include "shmkv.h"
 
 /* Bump on any change to the structures below or to their meaning. */
-#define SHMKV_FORMAT_VERSION 1
+#define SHMKV_FORMAT_VERSION 2
 
 /* "shmkv" + format family; compared byte for byte, so endianness does not matter. */
 #define SHMKV_MAGIC "SHMKVTB1"
@@ -31,6 +31,11 @@
 #define LINK_USED 0xFFFFFFFFu  /* the entry holds a live key; the index refers to it */
 #define LINK_BUSY 0xFFFFFFFEu  /* taken off the free list, not yet published (lock held) */
 
+/* Values of shmkv_entry.referenced, CLOCK's bit (evicting tables only). */
+#define REF_COLD 0u            /* not used since the hand last passed: the next victim */
+#define REF_USED 1u            /* used since: the hand clears it and passes over */
+#define REF_PINNED 2u          /* stored by the running set_many: never evicted (lock held) */
+
 struct shmkv_header {
     /* --- Identity and geometry: written once by shmkv_init, read-only afterwards. --- */
     char magic[8];             /* SHMKV_MAGIC */
@@ -48,7 +53,7 @@ struct shmkv_header {
     uint64_t entries_offset;
     uint64_t seed[2];          /* SipHash key, random per table */
     int64_t creator_pid;
-    uint32_t reserved_flags;
+    uint32_t flags;            /* SHMKV_EVICT or 0; other bits make the table incompatible */
     uint32_t ready;            /* 1 once everything above is written; stored last (release) */
 
     /* --- Mutable state: only changed with the lock held. --- */
@@ -60,7 +65,9 @@ struct shmkv_header {
     uint64_t hits, misses, inserts, updates, deletes;
     uint64_t evictions, expirations, recoveries, lock_timeouts;
     uint64_t broken;           /* 1: a recovery could not make the table sound; see lock.c */
-    uint64_t reserved[15];     /* room for counters of later versions without a new layout */
+    uint64_t next_expiry;      /* 0, or at most the earliest deadline of any live entry */
+    uint64_t clock_hand;       /* entry number where the next eviction sweep starts (a hint) */
+    uint64_t reserved[13];     /* room for counters of later versions without a new layout */
 
     pthread_mutex_t lock __attribute__((aligned(SHMKV_ALIGN)));
 };
@@ -70,9 +77,11 @@ struct shmkv_header {
 struct shmkv_entry {
     uint32_t key_len;          /* <= key_size */
     uint32_t value_len;        /* <= value_size */
-    uint64_t expires;          /* reserved for expiry: 0 = never */
+    uint64_t expires;          /* deadline on shmkv__now()'s clock, in ns; 0 = never */
     uint32_t seq;              /* reserved for optimistic readers: odd while being written */
     uint32_t link;             /* LINK_USED, LINK_BUSY, or next free entry + 1 */
+    uint32_t referenced;       /* REF_*: CLOCK's bit, a hint that recovery never needs */
+    uint32_t spare;            /* zero; keeps the key 8-aligned */
 };
 
 /* The per-process handle: a copy of the geometry validated at open, so that every bound used
@@ -87,6 +96,7 @@ struct shmkv {
     uint64_t k0, k1;
     int64_t lock_timeout_ns;
     int lock_kind;             /* shmkv__lock_kind(), checked before every lock */
+    int evict;                 /* SHMKV_EVICT was set at creation: keep CLOCK's bits */
     int debug_sound;           /* SHMKV_DEBUG: the table passed its check when locked */
 };
 
@@ -140,6 +150,12 @@ static inline void slot_store(shmkv_t *t, uint64_t i, uint64_t v)
     FAULT_POINT();
     __atomic_store_n(&t->index[i], v, __ATOMIC_RELEASE);
 }
+
+/* The clock of every deadline: CLOCK_MONOTONIC, which all processes of a machine share and
+ * which wall-clock changes do not move, in ns. Tests may replace it (shmkv_testing_set_clock).
+ * A segment does not outlive a reboot, so neither does any deadline; processes in different
+ * time namespaces (a container may have its own) would disagree, and must not share a table. */
+uint64_t shmkv__now(void);
 
 /* siphash.c */
 uint64_t shmkv_siphash13(const void *data, size_t len, uint64_t k0, uint64_t k1);

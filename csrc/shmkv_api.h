@@ -10,7 +10,7 @@
  * are only ever appended, never renumbered. On error, outputs and the table are unchanged.
  * A dead lock owner is repaired inside the call and never reaches the caller as an error. */
 
-#define SHMKV_ABI 1
+#define SHMKV_ABI 2
 
 #define SHMKV_OK 0
 #define SHMKV_ENOTFOUND -1
@@ -33,13 +33,22 @@
 /* One past the most negative code: tests walk SHMKV_OK > code > SHMKV_ELAST. */
 #define SHMKV_ELAST -18
 
-/* Results of shmkv_put(). */
+/* Results of shmkv_put(). SHMKV_EVICTED is or-ed into SHMKV_INSERTED when a live entry was
+ * evicted to make room for the new key (only in tables created with SHMKV_EVICT). */
 #define SHMKV_NOT_STORED 0
 #define SHMKV_INSERTED 1
 #define SHMKV_REPLACED 2
+#define SHMKV_EVICTED 4
 
-/* shmkv_put() flags. */
+/* Flags of shmkv_put() and shmkv_compare_and_swap(). */
 #define SHMKV_PUT_IF_ABSENT 1
+#define SHMKV_KEEP_TTL 2       /* a replaced value keeps the old one's deadline */
+
+/* Flags of shmkv_expire(). */
+#define SHMKV_TOUCH 1          /* also counts as a use of the key, for eviction */
+
+/* Table flags, fixed at creation (shmkv_init). */
+#define SHMKV_EVICT 1          /* a full table evicts an expired or least recently used entry */
 
 /* Largest accepted geometry (see SEGMENT LAYOUT in table.c for why). */
 #define SHMKV_MAX_CAPACITY 2147483646
@@ -79,6 +88,7 @@ struct shmkv_stats {
     uint64_t recoveries;      /* times a dead lock owner was found and the table repaired */
     uint64_t lock_timeouts;
     uint64_t broken;          /* 1 if a recovery could not make the table sound */
+    uint64_t flags;           /* the table flags it was created with */
 };
 
 int shmkv_abi(void);
@@ -90,9 +100,10 @@ int shmkv_layout(uint64_t capacity, uint64_t key_size, uint64_t value_size,
                  struct shmkv_geometry *out);
 
 /* Lays a fresh table into a zero-filled mapping of `size` bytes and sets the ready flag last.
- * The mapping must not yet be visible to other attachers as a table. */
+ * The mapping must not yet be visible to other attachers as a table. flags: SHMKV_EVICT. */
 int shmkv_init(void *base, uint64_t size, uint64_t capacity, uint64_t key_size,
-               uint64_t value_size, const unsigned char *seed16, int64_t creator_pid);
+               uint64_t value_size, uint32_t flags, const unsigned char *seed16,
+               int64_t creator_pid);
 
 /* Validates the header of a mapping and returns a per-process handle for it.
  * SHMKV_ENOTREADY: the header is not (yet) marked ready. SHMKV_EINCOMPATIBLE: not a shmkv
@@ -103,12 +114,19 @@ void shmkv_close(shmkv_t *t);
 /* Lock waits longer than this fail with SHMKV_ELOCKTIMEOUT; <= 0 means the default. */
 void shmkv_set_lock_timeout(shmkv_t *t, int64_t nanoseconds);
 
+/* Time to live: every ttl_ns is a duration in nanoseconds from the call, 0 meaning "never
+ * expires". An entry whose deadline has passed is absent to every call; its room is reclaimed
+ * by the next write that meets it, by an insert that needs room, by shmkv_len() and by
+ * shmkv_purge_expired(), each reclaim counted in stats' expirations. */
+
 /* Copies the value of key into out and returns its length. With out == NULL, only tells
  * whether the key is present (the length) and counts neither a hit nor a miss. */
 int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap);
-/* Returns SHMKV_INSERTED, SHMKV_REPLACED or (with SHMKV_PUT_IF_ABSENT) SHMKV_NOT_STORED. */
+/* Returns SHMKV_INSERTED (maybe | SHMKV_EVICTED), SHMKV_REPLACED or (with
+ * SHMKV_PUT_IF_ABSENT) SHMKV_NOT_STORED. The value expires after ttl_ns, or with
+ * SHMKV_KEEP_TTL when the value it replaces would have. */
 int shmkv_put(shmkv_t *t, const char *key, uint32_t klen, const char *value, uint32_t vlen,
-              int flags);
+              int flags, uint64_t ttl_ns);
 /* Stores value if key is absent; either way copies the value now stored into out and
  * returns its length. */
 int shmkv_setdefault(shmkv_t *t, const char *key, uint32_t klen, const char *value,
@@ -116,13 +134,23 @@ int shmkv_setdefault(shmkv_t *t, const char *key, uint32_t klen, const char *val
 /* Removes key; with out != NULL, first copies its value there and returns its length. */
 int shmkv_pop(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap);
 /* Adds delta to the signed 64-bit little-endian counter under key (an absent key starts at
- * initial) and stores the result in *out. */
+ * initial, and then expires after ttl_ns; an existing counter keeps its deadline) and stores
+ * the result in *out. */
 int shmkv_incr(shmkv_t *t, const char *key, uint32_t klen, int64_t delta, int64_t initial,
-               int64_t *out);
+               uint64_t ttl_ns, int64_t *out);
 /* Replaces the value of key by new if it currently equals expected: returns 1 if swapped,
- * 0 if the key is absent or holds another value. */
+ * 0 if the key is absent or holds another value. The new value expires as in shmkv_put(). */
 int shmkv_compare_and_swap(shmkv_t *t, const char *key, uint32_t klen, const char *expected,
-                           uint32_t elen, const char *value, uint32_t vlen);
+                           uint32_t elen, const char *value, uint32_t vlen, int flags,
+                           uint64_t ttl_ns);
+/* Gives key a new deadline, ttl_ns from now (0: never expires): 1 if key is present, 0 if
+ * not. With SHMKV_TOUCH, it also counts as a use (sliding expiry of a session in use). */
+int shmkv_expire(shmkv_t *t, const char *key, uint32_t klen, uint64_t ttl_ns, int flags);
+/* Time left before key expires, in ns, in *left (0: it never expires). SHMKV_ENOTFOUND if
+ * absent (or expired). */
+int shmkv_ttl(shmkv_t *t, const char *key, uint32_t klen, uint64_t *left);
+/* Reclaims the room of every expired entry now; returns how many, or a negative code. */
+int64_t shmkv_purge_expired(shmkv_t *t);
 int shmkv_clear(shmkv_t *t);
 /* Number of live entries, or a negative code. */
 int64_t shmkv_len(shmkv_t *t);
@@ -132,11 +160,14 @@ int64_t shmkv_len(shmkv_t *t);
  * each one's length into vlens[i], or -1 for a missing key; it returns SHMKV_EBUFSIZE with
  * the bytes needed in *needed if out is too small. set_many stores all or nothing: if the new
  * keys do not fit, it returns SHMKV_EFULL and changes nothing; its keys must be distinct,
- * and `hashes` is n words of scratch, so that keys are hashed before the lock is taken. */
+ * and `scratch` is 2n words of room, so that keys are hashed before the lock is taken. In a
+ * table with SHMKV_EVICT, set_many evicts other keys as its inserts need room, and fails
+ * with SHMKV_EFULL only if it has more keys than the table's capacity. */
 int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
                    char *out, uint64_t outcap, int64_t *vlens, uint64_t *needed);
 int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
-                   const char *values, const uint32_t *vlens, uint64_t *hashes);
+                   const char *values, const uint32_t *vlens, uint64_t ttl_ns,
+                   uint64_t *scratch);
 
 /* A point-in-time snapshot of every live key (and value, if with_values), taken under the
  * lock: records of [u32 klen][key]([u32 vlen][value]), lengths in native byte order.
@@ -149,6 +180,8 @@ int shmkv_stats(shmkv_t *t, struct shmkv_stats *out);
 /* The same without taking the lock, for a look at a table whose lock is held (inspection):
  * each field is read once, but the fields may come from different moments. */
 int shmkv_peek_stats(shmkv_t *t, struct shmkv_stats *out);
+/* The table flags it was created with (SHMKV_EVICT), from the handle: no lock. */
+int shmkv_table_flags(shmkv_t *t);
 /* The table's geometry, from the handle's validated copy: no lock, cannot fail but closed. */
 int shmkv_geometry(shmkv_t *t, struct shmkv_geometry *out);
 
@@ -168,6 +201,10 @@ int64_t shmkv_lock_owner(shmkv_t *t);
  * from now (each ordered store of a mutation is one; see layout.h); 0 disarms. */
 #define SHMKV_FAULT_EXIT 86
 void shmkv_testing_crash_after(int64_t points);
+
+/* For tests: deadlines are read from a clock that stands at now_ns (and moves only when this
+ * is called again) in this process; 0 returns to CLOCK_MONOTONIC. */
+void shmkv_testing_set_clock(uint64_t now_ns);
 
 /* For tests: with hold != 0, takes the table's lock and returns holding it, so that a process
  * can die as its owner; with hold == 0, releases it again. A process must release the lock

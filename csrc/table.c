@@ -15,6 +15,7 @@
  *
  *   slot (u64):   | low 32 bits of hash(key) : 32 | entry number + 1 : 32 |     0 = empty
  *   entry:        | key_len u32 | value_len u32 | expires u64 | seq u32 | link u32 |
+ *                 | referenced u32 | spare u32 |       (32 bytes, struct shmkv_entry)
  *                 | key bytes, key_size rounded up to 8 | value bytes, value_size rounded up to 8 |
  *
  * Offsets only, never pointers: each process maps the segment at its own address, and every
@@ -38,11 +39,13 @@
  *   never used (number >= high_water) --alloc--> BUSY --publish--> USED --free--> on free list
  *   on free list --alloc--> BUSY;  any --clear--> never used (high_water = 0)
  * BUSY exists only while the lock is held: an entry being written, not yet in the index.
+ * A USED entry whose deadline (expires) has passed is expired: absent to every operation,
+ * though it still holds its slot and entry until something reclaims it (see EXPIRY).
  *
  * INVARIANTS (check.c verifies each by number; shmkv_invariant_text() has the same words)
  *   1. The header matches this build: magic, format version, layout signature, and a geometry
  *      that shmkv_layout() recomputes from capacity, key_size and value_size.
- *   2. count <= capacity and high_water <= nentries.
+ *   2. count <= capacity, high_water <= nentries and clock_hand < nentries.
  *   3. Every used slot names an entry below high_water whose link is USED and whose key and
  *      value lengths are within key_size and value_size.
  *   4. A used slot's tag is the low 32 bits of the hash of its entry's key.
@@ -52,8 +55,29 @@
  *   7. The used slots, the USED entries below high_water and count are the same number.
  *   8. The free list holds only entries below high_water that are not USED or BUSY, has no
  *      cycle, and free + count == high_water: no entry is leaked.
- *   9. No intent is recorded while the lock is free.
+ *   9. No intent is recorded and no entry is pinned while the lock is free.
  *  10. At least one slot is empty (nslots > capacity), so every probe terminates.
+ *  11. next_expiry is at or below the deadline of every USED entry that has one (and so is
+ *      not 0 if any has one): no expired entry escapes a purge that next_expiry starts.
+ *
+ * EXPIRY
+ * A deadline is an absolute time in ns on CLOCK_MONOTONIC (shmkv__now), which every process
+ * of the machine reads alike and wall-clock changes do not move; 0 means never. Lookups
+ * compare it with the clock, read once per operation and only when a deadline is involved,
+ * so tables without TTLs never read the clock. Reclaiming is lazy: a write that meets its
+ * key expired removes it; an insert into a full table, len() and purge_expired() walk the
+ * pool and reclaim every expired entry, but only when next_expiry, a lower bound of all
+ * deadlines kept in the header, says one may exist; the walk then sets it exactly. Reads
+ * never reclaim (they are to go lock-free). Every reclaim counts one expiration.
+ *
+ * EVICTION (tables created with SHMKV_EVICT)
+ * CLOCK over the pool: reads, overwrites, counter increments and touches set an entry's
+ * referenced bit (a store only when it changes); a new key starts without it. An insert into
+ * a full table first reclaims expired entries, as above; if none, the hand (clock_hand)
+ * walks the pool from where it stopped, clearing bits, and evicts the first live entry
+ * without one: cold keys go first, keys used since the hand's last visit get another turn.
+ * The walk is bounded by two turns. set_many pins the entries it stores (REF_PINNED) until
+ * it ends, so a batch never evicts its own keys. An eviction is a delete, and as crash-safe.
  *
  * LOCKING
  * Every operation, reads included, runs under the robust, process-shared pthread mutex in the
@@ -70,12 +94,16 @@
  *   replace: take an entry, write it, record intent (old, new), mark new USED, swap the slot
  *            in one aligned 8-byte store, free the old entry, clear the intent;
  *   delete:  shift the chain back over the slot, then free the entry;
- *   counter: one aligned 8-byte store into the value;
+ *   counter: one aligned 8-byte store into the value; a new deadline (touch) likewise;
+ *   expiry reclaim and eviction: a delete;
  *   clear:   high_water = 0 first, then empty the index and the free list.
+ * next_expiry is lowered before an entry with an earlier deadline becomes live, so a crash
+ * leaves it too low at worst, which costs one needless walk.
  * A locker that gets EOWNERDEAD calls locked_rebuild(): if an intent names two USED entries,
  * the old one is dropped (the replace rolls forward); then the index, the free list and count
  * are rebuilt from the USED entries below high_water, and BUSY entries return to the free
- * list. The rebuild is idempotent, so a recoverer killed mid-rebuild is recovered in turn.
+ * list; next_expiry is recomputed and pins left by a dead set_many become plain referenced
+ * bits. The rebuild is idempotent, so a recoverer killed mid-rebuild is recovered in turn.
  * The rebuilt table is then checked (lock.c): a crash cannot leave damage that the rebuild
  * does not mend, so a failed check means corruption, and the table is marked broken for good
  * (every operation but stats and check fails with SHMKV_EBROKEN) rather than used.
@@ -97,11 +125,20 @@
  *   - Pointers or a separate allocator inside the segment: every process maps it elsewhere,
  *     and fixed-size entries make the free list the whole allocator.
  *   - Overwriting values in place: a crash halfway would leave a torn value.
+ *   - An LRU list threaded through the entries: every read would write two neighbours'
+ *     links, under the lock, and a crash could cut the list; CLOCK's bit is a hint that
+ *     needs no repair. Sampling a few random keys, as Redis does, needs no hand but evicts
+ *     worse at small sample sizes and is harder to test deterministically.
+ *   - A heap or timer wheel of deadlines: exact and incremental, but more shared state to
+ *     keep crash-safe; one walk per due next_expiry is enough for a fixed-size table (its
+ *     cost is measured in bench/, and purge_expired() lets a master pay it off the request
+ *     path).
  */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "layout.h"
@@ -186,8 +223,9 @@ const char *shmkv_invariant_text(int invariant)
         "no entry is named by two slots",
         "used slots, USED entries and count agree",
         "the free list is sound and free + count == high_water (nothing leaked)",
-        "no intent is recorded while the lock is free",
+        "no intent is recorded and no entry is pinned while the lock is free",
         "at least one index slot is empty",
+        "next_expiry is at or below every live entry's deadline",
     };
     if (invariant < 0 || invariant >= (int)(sizeof texts / sizeof texts[0]))
         return "unknown invariant";
@@ -250,7 +288,8 @@ static uint64_t layout_signature(void)
 }
 
 int shmkv_init(void *base, uint64_t size, uint64_t capacity, uint64_t key_size,
-               uint64_t value_size, const unsigned char *seed16, int64_t creator_pid)
+               uint64_t value_size, uint32_t flags, const unsigned char *seed16,
+               int64_t creator_pid)
 {
     struct shmkv_geometry g;
     struct shmkv_header *h = base;
@@ -258,7 +297,7 @@ int shmkv_init(void *base, uint64_t size, uint64_t capacity, uint64_t key_size,
 
     if (rc != SHMKV_OK)
         return rc;
-    if (base == NULL || seed16 == NULL || size < g.total_size ||
+    if (base == NULL || seed16 == NULL || size < g.total_size || (flags & ~SHMKV_EVICT) ||
         ((uintptr_t)base & (SHMKV_ALIGN - 1)) != 0)
         return SHMKV_EARG;
     /* The index and pool of a fresh segment are zero already (ftruncate); only the header
@@ -279,6 +318,7 @@ int shmkv_init(void *base, uint64_t size, uint64_t capacity, uint64_t key_size,
     h->entries_offset = g.entries_offset;
     memcpy(h->seed, seed16, sizeof h->seed);
     h->creator_pid = creator_pid;
+    h->flags = flags;
     rc = shmkv__init_lock(h);
     if (rc != SHMKV_OK)
         return rc;
@@ -349,6 +389,9 @@ int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t why
         return incompatible(why, whycap,
                             "truncated: segment is %llu bytes, the table needs %llu",
                             (unsigned long long)size, (unsigned long long)g.total_size);
+    if (h->flags & ~(uint32_t)SHMKV_EVICT)
+        return incompatible(why, whycap, "table flags %#x: made by a newer build of shmkv",
+                            h->flags);
     if (!shmkv__lock_sane(h))
         return incompatible(why, whycap, "inconsistent header: the lock's type word is damaged");
 
@@ -372,6 +415,7 @@ int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t why
     t->k1 = h->seed[1];
     t->lock_timeout_ns = SHMKV_DEFAULT_LOCK_TIMEOUT_NS;
     t->lock_kind = shmkv__lock_kind();
+    t->evict = (h->flags & SHMKV_EVICT) != 0;
     *out = t;
     return SHMKV_OK;
 }
@@ -385,6 +429,28 @@ void shmkv_set_lock_timeout(shmkv_t *t, int64_t nanoseconds)
 {
     if (t != NULL)
         t->lock_timeout_ns = nanoseconds > 0 ? nanoseconds : SHMKV_DEFAULT_LOCK_TIMEOUT_NS;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The clock of deadlines
+ * ---------------------------------------------------------------------------------------- */
+
+static uint64_t fake_now;      /* shmkv_testing_set_clock(); 0 = the real clock */
+
+void shmkv_testing_set_clock(uint64_t now_ns)
+{
+    __atomic_store_n(&fake_now, now_ns, __ATOMIC_RELAXED);
+}
+
+uint64_t shmkv__now(void)
+{
+    uint64_t fake = __atomic_load_n(&fake_now, __ATOMIC_RELAXED);
+    struct timespec ts;
+
+    if (__builtin_expect(fake != 0, 0))
+        return fake;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * UINT64_C(1000000000) + (uint64_t)ts.tv_nsec;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -414,7 +480,8 @@ static int locked_slot_entry(const shmkv_t *t, uint64_t slot, struct shmkv_entry
 
 /* Looks key up. 0: *slot_out and *entry_out name it. SHMKV_ENOTFOUND: *slot_out is the empty
  * slot that ended the probe, where an insert of this key belongs. SHMKV_ECORRUPT: the index
- * or an entry on the way is damaged. The walk is bounded by nslots, whatever the segment says. */
+ * or an entry on the way is damaged. The walk is bounded by nslots, whatever the segment says.
+ * Expired entries are found like any other: deciding what they mean is the caller's part. */
 int locked_find(const shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
                 uint64_t *slot_out, struct shmkv_entry **entry_out)
 {
@@ -492,63 +559,38 @@ static void locked_free(shmkv_t *t, struct shmkv_entry *e)
     STORE(h->free_head, entry_number(t, e) + 1);
 }
 
+/* Keeps next_expiry at or below every live deadline (invariant 11). Called before an entry
+ * with deadline d becomes live, so a crash can only leave it lower than it need be, which
+ * costs a purge that finds nothing and sets it right. */
+static void locked_note_deadline(shmkv_t *t, uint64_t d)
+{
+    uint64_t next = t->hdr->next_expiry;
+
+    if (d != 0 && (next == 0 || d < next))
+        STORE(t->hdr->next_expiry, d);
+}
+
+/* CLOCK's bit. Only evicting tables keep it, and it is written only when it changes, so a
+ * key read over and over does not dirty its cache line each time. */
+static inline void mark_used(const shmkv_t *t, struct shmkv_entry *e)
+{
+    if (t->evict && __atomic_load_n(&e->referenced, __ATOMIC_RELAXED) == REF_COLD)
+        __atomic_store_n(&e->referenced, REF_USED, __ATOMIC_RELAXED);
+}
+
 static void fill_entry(const shmkv_t *t, struct shmkv_entry *e, const char *key, uint32_t klen,
-                       const char *value, uint32_t vlen)
+                       const char *value, uint32_t vlen, uint64_t expires, uint32_t referenced)
 {
     e->key_len = klen;
     e->value_len = vlen;
-    e->expires = 0;
+    e->expires = expires;
+    e->referenced = referenced;
+    e->spare = 0;
     if (klen > 0)
         memcpy(entry_key(e), key, klen);
     FAULT_POINT();
     if (vlen > 0)
         memcpy(entry_value(t, e), value, vlen);
-}
-
-/* Inserts an absent key into the empty slot that locked_find() returned for it.
- * SHMKV_EFULL if the table holds capacity entries; nothing changes then. */
-static int locked_insert(shmkv_t *t, uint64_t slot, uint64_t hash, const char *key,
-                         uint32_t klen, const char *value, uint32_t vlen)
-{
-    struct shmkv_header *h = t->hdr;
-    struct shmkv_entry *e;
-    int rc;
-
-    if (h->count >= t->capacity)
-        return SHMKV_EFULL;
-    rc = locked_alloc(t, &e);
-    if (rc != SHMKV_OK)
-        return rc;
-    fill_entry(t, e, key, klen, value, vlen);
-    STORE(e->link, LINK_USED);
-    slot_store(t, slot, MAKE_SLOT(hash, entry_number(t, e)));
-    STORE(h->count, h->count + 1);
-    h->inserts++;
-    return SHMKV_OK;
-}
-
-/* Replaces the value of the key in `slot` (entry `old`) copy-on-write: the new entry is
- * written beside the old one and swapped in with one slot store. Needs the pool's spare
- * entry at most, so it works on a full table. */
-static int locked_replace(shmkv_t *t, uint64_t slot, struct shmkv_entry *old, uint64_t hash,
-                          const char *key, uint32_t klen, const char *value, uint32_t vlen)
-{
-    struct shmkv_header *h = t->hdr;
-    struct shmkv_entry *e;
-    int rc = locked_alloc(t, &e);
-
-    if (rc != SHMKV_OK)
-        return rc;
-    fill_entry(t, e, key, klen, value, vlen);
-    STORE(h->intent_old, entry_number(t, old) + 1);
-    STORE(h->intent_new, entry_number(t, e) + 1);
-    STORE(e->link, LINK_USED);
-    slot_store(t, slot, MAKE_SLOT(hash, entry_number(t, e)));
-    locked_free(t, old);
-    STORE(h->intent_new, (uint64_t)0);
-    STORE(h->intent_old, (uint64_t)0);
-    h->updates++;
-    return SHMKV_OK;
 }
 
 /* Empties slot i by backward-shift deletion: each later slot of the chain whose home is not
@@ -575,6 +617,8 @@ static int locked_unlink_slot(shmkv_t *t, uint64_t i)
     return SHMKV_ECORRUPT;
 }
 
+/* Removes the key in `slot` (entry e). The caller counts it: a delete, an expiration or an
+ * eviction. */
 static int locked_remove(shmkv_t *t, uint64_t slot, struct shmkv_entry *e)
 {
     struct shmkv_header *h = t->hdr;
@@ -584,33 +628,261 @@ static int locked_remove(shmkv_t *t, uint64_t slot, struct shmkv_entry *e)
         return rc;
     locked_free(t, e);
     STORE(h->count, h->count - 1);
-    h->deletes++;
     return SHMKV_OK;
 }
 
-/* Stores key = value, inserting or replacing. Returns SHMKV_INSERTED or SHMKV_REPLACED. */
-static int locked_store(shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
-                        const char *value, uint32_t vlen)
+/* Removes the live entry e, found in the index through its own key: the walks over the pool
+ * (purge, eviction) know entries, not slots. */
+static int locked_remove_entry(shmkv_t *t, struct shmkv_entry *e)
 {
+    uint32_t klen = e->key_len;
     uint64_t slot;
-    struct shmkv_entry *e = NULL;
-    int rc = locked_find(t, hash, key, klen, &slot, &e);
+    struct shmkv_entry *found = NULL;
+    int rc;
 
-    if (rc == SHMKV_OK) {
-        rc = locked_replace(t, slot, e, hash, key, klen, value, vlen);
-        return rc == SHMKV_OK ? SHMKV_REPLACED : rc;
+    if (klen > t->key_size)
+        return SHMKV_ECORRUPT;
+    rc = locked_find(t, hash_key(t, (const char *)entry_key(e), klen),
+                     (const char *)entry_key(e), klen, &slot, &found);
+    if (rc != SHMKV_OK || found != e)
+        return rc == SHMKV_OK || rc == SHMKV_ENOTFOUND ? SHMKV_ECORRUPT : rc;
+    return locked_remove(t, slot, e);
+}
+
+/* Reclaims every entry whose deadline is at or before now, and sets next_expiry to the
+ * earliest deadline left. Returns the number reclaimed, or a negative code. */
+static int64_t locked_purge(shmkv_t *t, uint64_t now)
+{
+    struct shmkv_header *h = t->hdr;
+    uint64_t hw = h->high_water, next = 0, n;
+    int64_t purged = 0;
+
+    if (hw > t->nentries)
+        return SHMKV_ECORRUPT;
+    for (n = 0; n < hw; n++) {
+        struct shmkv_entry *e = entry_at(t, n);
+        uint64_t d = e->expires;
+        int rc;
+
+        if (e->link != LINK_USED || d == 0)
+            continue;
+        if (d > now) {
+            if (next == 0 || d < next)
+                next = d;
+            continue;
+        }
+        rc = locked_remove_entry(t, e);
+        if (rc != SHMKV_OK)
+            return rc;
+        h->expirations++;
+        purged++;
     }
-    if (rc == SHMKV_ENOTFOUND) {
-        rc = locked_insert(t, slot, hash, key, klen, value, vlen);
-        return rc == SHMKV_OK ? SHMKV_INSERTED : rc;
+    STORE(h->next_expiry, next);
+    return purged;
+}
+
+/* CLOCK: the hand walks the pool; a used entry with its bit set loses the bit and is passed
+ * over, the first one without it is evicted. Two turns at most: the first clears every bit
+ * it passes. Entries pinned by the running set_many are passed over as they are. */
+static int locked_evict(shmkv_t *t)
+{
+    struct shmkv_header *h = t->hdr;
+    uint64_t hw = h->high_water, hand = h->clock_hand, steps;
+
+    if (hw == 0 || hw > t->nentries)
+        return SHMKV_ECORRUPT;
+    if (hand >= hw)
+        hand = 0;
+    for (steps = 0; steps <= 2 * hw; steps++) {
+        struct shmkv_entry *e = entry_at(t, hand);
+        uint32_t ref = __atomic_load_n(&e->referenced, __ATOMIC_RELAXED);
+        int rc;
+
+        hand = hand + 1 < hw ? hand + 1 : 0;
+        if (e->link != LINK_USED || ref == REF_PINNED)
+            continue;
+        if (ref != REF_COLD) {
+            __atomic_store_n(&e->referenced, REF_COLD, __ATOMIC_RELAXED);
+            continue;
+        }
+        h->clock_hand = hand;
+        rc = locked_remove_entry(t, e);
+        if (rc == SHMKV_OK)
+            h->evictions++;
+        return rc;
     }
+    return SHMKV_ECORRUPT;
+}
+
+/* Takes the lock of an open table: SHMKV_ECLOSED for a closed one (NULL handle). */
+static int lock_table(shmkv_t *t, int flags)
+{
+    return t == NULL ? SHMKV_ECLOSED : shmkv__lock(t, flags);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Operations on one key. An op carries what the steps of one operation share: begin_op()
+ * checks the arguments, hashes the key before taking the lock, takes it and looks the key up
+ * (locked_lookup); the operation does its locked_* steps; end_op() runs the debug check and
+ * unlocks. The clock is read at most once per op, and only if a deadline is involved.
+ * ---------------------------------------------------------------------------------------- */
+
+struct op {
+    uint64_t hash;
+    uint64_t slot;             /* the key's slot, or the empty slot where it would go */
+    struct shmkv_entry *e;     /* the key's entry, if found; the stored one after a store */
+    uint64_t now;              /* 0 until op_now() first reads the clock */
+    int evicted;               /* an insert evicted a live entry to make room */
+    uint32_t referenced;       /* CLOCK's bit for an entry this op inserts */
+};
+
+static void op_start(struct op *op, uint64_t hash)
+{
+    op->hash = hash;
+    op->e = NULL;
+    op->now = 0;
+    op->evicted = 0;
+    op->referenced = REF_COLD;
+}
+
+static uint64_t op_now(struct op *op)
+{
+    if (op->now == 0)
+        op->now = shmkv__now();
+    return op->now;
+}
+
+/* The deadline ttl_ns from now: 0 (never) for 0, saturating rather than wrapping around. */
+static uint64_t op_deadline(struct op *op, uint64_t ttl_ns)
+{
+    uint64_t d;
+
+    if (ttl_ns == 0)
+        return 0;
+    return __builtin_add_overflow(op_now(op), ttl_ns, &d) ? UINT64_MAX : d;
+}
+
+/* Whether next_expiry says that some entry may have expired: the clock is read only if some
+ * entry has a deadline at all. */
+static int op_expiry_due(const shmkv_t *t, struct op *op)
+{
+    uint64_t next = t->hdr->next_expiry;
+
+    return next != 0 && next <= op_now(op);
+}
+
+static int op_expired(struct op *op, const struct shmkv_entry *e)
+{
+    uint64_t d = __atomic_load_n(&e->expires, __ATOMIC_RELAXED);
+
+    return d != 0 && d <= op_now(op);
+}
+
+/* Looks key up as an operation sees it: an expired entry is absent. A writer (write != 0)
+ * reclaims the expired entry it meets, so that *slot is where the key would be inserted;
+ * a reader leaves it be. Returns 0, SHMKV_ENOTFOUND or SHMKV_ECORRUPT, as locked_find. */
+static int locked_lookup(shmkv_t *t, struct op *op, const char *key, uint32_t klen, int write)
+{
+    int rc = locked_find(t, op->hash, key, klen, &op->slot, &op->e);
+
+    if (rc != SHMKV_OK || !op_expired(op, op->e))
+        return rc;
+    if (!write)
+        return SHMKV_ENOTFOUND;
+    rc = locked_remove(t, op->slot, op->e);
+    if (rc != SHMKV_OK)
+        return rc;
+    t->hdr->expirations++;
+    op->e = NULL;
+    rc = locked_find(t, op->hash, key, klen, &op->slot, &op->e);
+    return rc == SHMKV_OK ? SHMKV_ECORRUPT : rc;  /* a key stored twice */
+}
+
+/* Makes room for one more key in a full table: expired entries first, all of them, if
+ * next_expiry says there are any; then, in an evicting table, one live entry chosen by
+ * CLOCK. SHMKV_EFULL if neither is possible. */
+static int locked_make_room(shmkv_t *t, struct op *op)
+{
+    int64_t purged;
+    int rc;
+
+    if (op_expiry_due(t, op)) {
+        purged = locked_purge(t, op->now);
+        if (purged < 0)
+            return (int)purged;
+    }
+    if (t->hdr->count < t->capacity)
+        return SHMKV_OK;
+    if (!t->evict)
+        return SHMKV_EFULL;
+    rc = locked_evict(t);
+    if (rc == SHMKV_OK)
+        op->evicted = 1;
     return rc;
+}
+
+/* Inserts an absent key into the empty slot that locked_lookup() returned for it, making
+ * room first if the table is full. SHMKV_EFULL if it cannot; nothing visible changes then. */
+static int locked_insert(shmkv_t *t, struct op *op, const char *key, uint32_t klen,
+                         const char *value, uint32_t vlen, uint64_t expires)
+{
+    struct shmkv_header *h = t->hdr;
+    struct shmkv_entry *e;
+    int rc;
+
+    if (h->count >= t->capacity) {
+        rc = locked_make_room(t, op);
+        if (rc != SHMKV_OK)
+            return rc;
+        /* Removals shift slots back: the key's empty slot may have moved. */
+        rc = locked_find(t, op->hash, key, klen, &op->slot, &e);
+        if (rc != SHMKV_ENOTFOUND)
+            return rc == SHMKV_OK ? SHMKV_ECORRUPT : rc;
+    }
+    rc = locked_alloc(t, &e);
+    if (rc != SHMKV_OK)
+        return rc;
+    locked_note_deadline(t, expires);
+    fill_entry(t, e, key, klen, value, vlen, expires, op->referenced);
+    STORE(e->link, LINK_USED);
+    slot_store(t, op->slot, MAKE_SLOT(op->hash, entry_number(t, e)));
+    STORE(h->count, h->count + 1);
+    h->inserts++;
+    op->e = e;
+    return SHMKV_OK;
+}
+
+/* Replaces the value of the key in op's slot (entry op->e) copy-on-write: the new entry is
+ * written beside the old one and swapped in with one slot store. Needs the pool's spare
+ * entry at most, so it works on a full table. An overwrite counts as a use. */
+static int locked_replace(shmkv_t *t, struct op *op, const char *key, uint32_t klen,
+                          const char *value, uint32_t vlen, uint64_t expires)
+{
+    struct shmkv_header *h = t->hdr;
+    struct shmkv_entry *old = op->e, *e;
+    int rc = locked_alloc(t, &e);
+
+    if (rc != SHMKV_OK)
+        return rc;
+    locked_note_deadline(t, expires);
+    fill_entry(t, e, key, klen, value, vlen, expires,
+               op->referenced == REF_PINNED ? REF_PINNED : REF_USED);
+    STORE(h->intent_old, entry_number(t, old) + 1);
+    STORE(h->intent_new, entry_number(t, e) + 1);
+    STORE(e->link, LINK_USED);
+    slot_store(t, op->slot, MAKE_SLOT(op->hash, entry_number(t, e)));
+    locked_free(t, old);
+    STORE(h->intent_new, (uint64_t)0);
+    STORE(h->intent_old, (uint64_t)0);
+    h->updates++;
+    op->e = e;
+    return SHMKV_OK;
 }
 
 void locked_rebuild(shmkv_t *t)
 {
     struct shmkv_header *h = t->hdr;
-    uint64_t hw = h->high_water, io = h->intent_old, in = h->intent_new, n, i;
+    uint64_t hw = h->high_water, io = h->intent_old, in = h->intent_new, next = 0, n, i;
 
     if (hw > t->nentries)
         hw = t->nentries;
@@ -640,6 +912,11 @@ void locked_rebuild(shmkv_t *t)
             if (locked_find(t, hash, key, e->key_len, &slot, &dup) == SHMKV_ENOTFOUND) {
                 slot_store(t, slot, MAKE_SLOT(hash, n));
                 STORE(h->count, h->count + 1);
+                /* A set_many that died left its pins: they become plain uses. */
+                if (e->referenced > REF_USED)
+                    e->referenced = REF_USED;
+                if (e->expires != 0 && (next == 0 || e->expires < next))
+                    next = e->expires;
             } else {
                 keep = 0;
             }
@@ -647,29 +924,16 @@ void locked_rebuild(shmkv_t *t)
         if (!keep)
             locked_free(t, e);
     }
+    STORE(h->next_expiry, next);
+    if (h->clock_hand >= t->nentries)
+        h->clock_hand = 0;
 }
-
-/* Takes the lock of an open table: SHMKV_ECLOSED for a closed one (NULL handle). */
-static int lock_table(shmkv_t *t, int flags)
-{
-    return t == NULL ? SHMKV_ECLOSED : shmkv__lock(t, flags);
-}
-
-/* ------------------------------------------------------------------------------------------
- * Single-key operations: begin_op() checks the arguments, hashes the key before taking the
- * lock, takes it and looks the key up; the operation does its locked_* step; end_op() runs
- * the debug check and unlocks.
- * ---------------------------------------------------------------------------------------- */
-
-struct op {
-    uint64_t hash;
-    uint64_t slot;             /* the key's slot, or the empty slot where it would go */
-    struct shmkv_entry *e;     /* the key's entry, if found */
-};
 
 /* Returns 0 (key found) or SHMKV_ENOTFOUND with the lock held; any other code without it.
- * vlen is the length of the value the operation may store (0 if none). */
-static int begin_op(shmkv_t *t, const char *key, uint32_t klen, uint32_t vlen, struct op *op)
+ * vlen is the length of the value the operation may store (0 if none); write says whether
+ * the operation may change the table (see locked_lookup). */
+static int begin_op(shmkv_t *t, const char *key, uint32_t klen, uint32_t vlen, int write,
+                    struct op *op)
 {
     int rc;
 
@@ -679,12 +943,11 @@ static int begin_op(shmkv_t *t, const char *key, uint32_t klen, uint32_t vlen, s
         return SHMKV_EKEYSIZE;
     if (vlen > t->value_size)
         return SHMKV_EVALUESIZE;
-    op->hash = hash_key(t, key, klen);
-    op->e = NULL;
+    op_start(op, hash_key(t, key, klen));
     rc = shmkv__lock(t, 0);
     if (rc != SHMKV_OK)
         return rc;
-    rc = locked_find(t, op->hash, key, klen, &op->slot, &op->e);
+    rc = locked_lookup(t, op, key, klen, write);
     if (rc != SHMKV_OK && rc != SHMKV_ENOTFOUND)
         shmkv__unlock(t);
     return rc;
@@ -698,7 +961,15 @@ static int end_op(shmkv_t *t, int rc)
     return rc;
 }
 
-#define BEGIN_OP(t, key, klen, vlen, op)                                                   do {                                                                                       rc = begin_op((t), (key), (klen), (vlen), (op));                                       if (rc != SHMKV_OK && rc != SHMKV_ENOTFOUND)                                               return rc;                                                                     } while (0)
+/* Sets rc from begin_op() and returns it at once unless the lock is held. */
+#define BEGIN_OP(t, key, klen, vlen, write, op)                                        \
+    do {                                                                               \
+        rc = begin_op((t), (key), (klen), (vlen), (write), (op));                      \
+        if (rc != SHMKV_OK && rc != SHMKV_ENOTFOUND)                                   \
+            return rc;                                                                 \
+    } while (0)
+
+enum { FOR_READ, FOR_WRITE };  /* locked_lookup()'s and begin_op()'s `write` */
 
 /* Copies e's value into out (if any) and returns its length. The length is read once and
  * checked again, so that even a writer that ignores the lock cannot make it overrun. */
@@ -722,34 +993,37 @@ int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t ou
     struct op op;
     int rc;
 
-    BEGIN_OP(t, key, klen, 0, &op);
+    BEGIN_OP(t, key, klen, 0, FOR_READ, &op);
     if (rc == SHMKV_OK)
         rc = copy_value(t, op.e, out, outcap);
     if (out != NULL) {
-        if (rc >= 0)
+        if (rc >= 0) {
             t->hdr->hits++;
-        else if (rc == SHMKV_ENOTFOUND)
+            mark_used(t, op.e);
+        } else if (rc == SHMKV_ENOTFOUND) {
             t->hdr->misses++;
+        }
     }
     shmkv__unlock(t);
     return rc;
 }
 
 int shmkv_put(shmkv_t *t, const char *key, uint32_t klen, const char *value, uint32_t vlen,
-              int flags)
+              int flags, uint64_t ttl_ns)
 {
     struct op op;
     int rc;
 
-    BEGIN_OP(t, key, klen, vlen, &op);
+    BEGIN_OP(t, key, klen, vlen, FOR_WRITE, &op);
     if (rc == SHMKV_ENOTFOUND) {
-        rc = locked_insert(t, op.slot, op.hash, key, klen, value, vlen);
+        rc = locked_insert(t, &op, key, klen, value, vlen, op_deadline(&op, ttl_ns));
         if (rc == SHMKV_OK)
-            rc = SHMKV_INSERTED;
+            rc = op.evicted ? SHMKV_INSERTED | SHMKV_EVICTED : SHMKV_INSERTED;
     } else if (flags & SHMKV_PUT_IF_ABSENT) {
         rc = SHMKV_NOT_STORED;
     } else {
-        rc = locked_replace(t, op.slot, op.e, op.hash, key, klen, value, vlen);
+        rc = locked_replace(t, &op, key, klen, value, vlen,
+                            flags & SHMKV_KEEP_TTL ? op.e->expires : op_deadline(&op, ttl_ns));
         if (rc == SHMKV_OK)
             rc = SHMKV_REPLACED;
     }
@@ -762,14 +1036,13 @@ int shmkv_setdefault(shmkv_t *t, const char *key, uint32_t klen, const char *val
     struct op op;
     int rc;
 
-    BEGIN_OP(t, key, klen, vlen, &op);
+    BEGIN_OP(t, key, klen, vlen, FOR_WRITE, &op);
     if (rc == SHMKV_ENOTFOUND) {
         /* Refuse before inserting: on error the table stays as it was. */
         rc = out != NULL && vlen > outcap ? SHMKV_EBUFSIZE
-                                          : locked_insert(t, op.slot, op.hash, key, klen, value,
-                                                          vlen);
-        if (rc == SHMKV_OK)
-            rc = locked_find(t, op.hash, key, klen, &op.slot, &op.e);
+                                          : locked_insert(t, &op, key, klen, value, vlen, 0);
+    } else {
+        mark_used(t, op.e);
     }
     if (rc == SHMKV_OK)
         rc = copy_value(t, op.e, out, outcap);
@@ -781,12 +1054,14 @@ int shmkv_pop(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t ou
     struct op op;
     int rc, len;
 
-    BEGIN_OP(t, key, klen, 0, &op);
+    BEGIN_OP(t, key, klen, 0, FOR_WRITE, &op);
     if (rc == SHMKV_OK) {
         len = copy_value(t, op.e, out, outcap);
         rc = len < 0 ? len : locked_remove(t, op.slot, op.e);
-        if (rc == SHMKV_OK)
+        if (rc == SHMKV_OK) {
+            t->hdr->deletes++;
             rc = len;
+        }
     }
     return end_op(t, rc);
 }
@@ -807,7 +1082,7 @@ static int64_t counter_value(uint64_t word)
 }
 
 int shmkv_incr(shmkv_t *t, const char *key, uint32_t klen, int64_t delta, int64_t initial,
-               int64_t *out)
+               uint64_t ttl_ns, int64_t *out)
 {
     struct op op;
     int64_t result = 0;
@@ -815,7 +1090,7 @@ int shmkv_incr(shmkv_t *t, const char *key, uint32_t klen, int64_t delta, int64_
     int rc;
 
     /* Counters are 8 bytes: a table whose values are shorter cannot hold one. */
-    BEGIN_OP(t, key, klen, 8, &op);
+    BEGIN_OP(t, key, klen, 8, FOR_WRITE, &op);
     if (rc == SHMKV_OK) {
         counter = (uint64_t *)(void *)entry_value(t, op.e);
         if (op.e->value_len != 8)
@@ -827,12 +1102,14 @@ int shmkv_incr(shmkv_t *t, const char *key, uint32_t klen, int64_t delta, int64_
             /* The value is 8-aligned: one store, so a crash leaves the old or the new count. */
             STORE(*counter, counter_word(result));
             t->hdr->updates++;
+            mark_used(t, op.e);
         }
     } else if (__builtin_add_overflow(initial, delta, &result)) {
         rc = SHMKV_EOVERFLOW;
     } else {
         word = counter_word(result);
-        rc = locked_insert(t, op.slot, op.hash, key, klen, (const char *)&word, 8);
+        rc = locked_insert(t, &op, key, klen, (const char *)&word, 8,
+                           op_deadline(&op, ttl_ns));
     }
     if (rc == SHMKV_OK)
         *out = result;
@@ -840,21 +1117,77 @@ int shmkv_incr(shmkv_t *t, const char *key, uint32_t klen, int64_t delta, int64_
 }
 
 int shmkv_compare_and_swap(shmkv_t *t, const char *key, uint32_t klen, const char *expected,
-                           uint32_t elen, const char *value, uint32_t vlen)
+                           uint32_t elen, const char *value, uint32_t vlen, int flags,
+                           uint64_t ttl_ns)
 {
     struct op op;
     int rc;
 
-    BEGIN_OP(t, key, klen, vlen, &op);
+    BEGIN_OP(t, key, klen, vlen, FOR_WRITE, &op);
     if (rc == SHMKV_ENOTFOUND || op.e->value_len != elen ||
         (elen > 0 && memcmp(entry_value(t, op.e), expected, elen) != 0))
         rc = 0;
     else {
-        rc = locked_replace(t, op.slot, op.e, op.hash, key, klen, value, vlen);
+        rc = locked_replace(t, &op, key, klen, value, vlen,
+                            flags & SHMKV_KEEP_TTL ? op.e->expires : op_deadline(&op, ttl_ns));
         if (rc == SHMKV_OK)
             rc = 1;
     }
     return end_op(t, rc);
+}
+
+int shmkv_expire(shmkv_t *t, const char *key, uint32_t klen, uint64_t ttl_ns, int flags)
+{
+    struct op op;
+    uint64_t d;
+    int rc;
+
+    BEGIN_OP(t, key, klen, 0, FOR_WRITE, &op);
+    if (rc == SHMKV_OK) {
+        d = op_deadline(&op, ttl_ns);
+        locked_note_deadline(t, d);
+        /* One aligned store: a crash leaves the old deadline or the new one. */
+        STORE(op.e->expires, d);
+        if (flags & SHMKV_TOUCH)
+            mark_used(t, op.e);
+        rc = 1;
+    } else {
+        rc = 0;
+    }
+    return end_op(t, rc);
+}
+
+int shmkv_ttl(shmkv_t *t, const char *key, uint32_t klen, uint64_t *left)
+{
+    struct op op;
+    uint64_t d;
+    int rc;
+
+    if (left == NULL)
+        return SHMKV_EARG;
+    BEGIN_OP(t, key, klen, 0, FOR_READ, &op);
+    if (rc == SHMKV_OK) {
+        /* Not expired, so a deadline lies ahead of op_now(), read by the lookup already. */
+        d = __atomic_load_n(&op.e->expires, __ATOMIC_RELAXED);
+        *left = d == 0 ? 0 : d - op_now(&op);
+    }
+    shmkv__unlock(t);
+    return rc;
+}
+
+int64_t shmkv_purge_expired(shmkv_t *t)
+{
+    int64_t purged = 0;
+    struct op op;
+    int rc = lock_table(t, 0);
+
+    if (rc != SHMKV_OK)
+        return rc;
+    op_start(&op, 0);
+    if (op_expiry_due(t, &op))
+        purged = locked_purge(t, op.now);
+    end_op(t, SHMKV_OK);
+    return purged;
 }
 
 int shmkv_clear(shmkv_t *t)
@@ -873,27 +1206,36 @@ int shmkv_clear(shmkv_t *t)
     for (i = 0; i < t->nslots; i++)
         slot_store(t, i, 0);
     STORE(h->count, (uint64_t)0);
+    STORE(h->next_expiry, (uint64_t)0);
+    h->clock_hand = 0;
     return end_op(t, SHMKV_OK);
 }
 
 int64_t shmkv_len(shmkv_t *t)
 {
-    uint64_t n;
+    int64_t n = 0;
+    struct op op;
     int rc;
 
     rc = lock_table(t, 0);
     if (rc != SHMKV_OK)
         return rc;
-    n = t->hdr->count;
-    shmkv__unlock(t);
-    return n > t->capacity ? SHMKV_ECORRUPT : (int64_t)n;
+    /* Expired entries are not counted: reclaim them first, if next_expiry says any exist. */
+    op_start(&op, 0);
+    if (op_expiry_due(t, &op))
+        n = locked_purge(t, op.now);
+    if (n >= 0)
+        n = t->hdr->count > t->capacity ? SHMKV_ECORRUPT : (int64_t)t->hdr->count;
+    end_op(t, SHMKV_OK);
+    return n;
 }
 
 int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
                    char *out, uint64_t outcap, int64_t *vlens, uint64_t *needed)
 {
-    uint64_t hits = 0, misses = 0, used = 0, off = 0, slot;
+    uint64_t hits = 0, misses = 0, used = 0, off = 0;
     uint32_t i;
+    struct op op;
     int rc;
 
     if (t == NULL)
@@ -908,27 +1250,30 @@ int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
     rc = lock_table(t, 0);
     if (rc != SHMKV_OK)
         return rc;
+    op_start(&op, 0);
     for (i = 0, off = 0; i < n && rc == SHMKV_OK; off += klens[i], i++) {
-        struct shmkv_entry *e = NULL;
-        int found = locked_find(t, (uint64_t)vlens[i], keys + off, klens[i], &slot, &e);
+        int found;
 
+        op.hash = (uint64_t)vlens[i];
+        found = locked_lookup(t, &op, keys + off, klens[i], FOR_READ);
         if (found == SHMKV_ENOTFOUND) {
             vlens[i] = -1;
             misses++;
         } else if (found != SHMKV_OK) {
             rc = found;
         } else {
-            uint32_t vlen = __atomic_load_n(&e->value_len, __ATOMIC_RELAXED);
+            uint32_t vlen = __atomic_load_n(&op.e->value_len, __ATOMIC_RELAXED);
 
             if (vlen > t->value_size) {
                 rc = SHMKV_ECORRUPT;
                 break;
             }
             if (vlen > 0 && used + vlen <= outcap)
-                memcpy(out + used, entry_value(t, e), vlen);
+                memcpy(out + used, entry_value(t, op.e), vlen);
             vlens[i] = vlen;
             used += vlen;
             hits++;
+            mark_used(t, op.e);
         }
     }
     if (rc == SHMKV_OK && used > outcap)
@@ -943,11 +1288,34 @@ int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
     return rc;
 }
 
-int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
-                   const char *values, const uint32_t *vlens, uint64_t *hashes)
+/* set_many pins every key of its batch while it runs (see locked_evict), so that the
+ * evictions its inserts make never take a key of the batch, stored or still to be stored.
+ * A pin record says which entry is pinned and the bit it gets back at the end: entry number
+ * + 1 in the low 32 bits, the bit above them; 0 means no pin. */
+static uint64_t locked_pin(struct shmkv_entry *e, uint64_t entry_no, uint32_t restore)
 {
-    uint64_t koff = 0, voff = 0, fresh = 0, slot;
+    __atomic_store_n(&e->referenced, REF_PINNED, __ATOMIC_RELAXED);
+    return (entry_no + 1) | ((uint64_t)restore << 32);
+}
+
+static void locked_unpin(shmkv_t *t, const uint64_t *pins, uint32_t n)
+{
     uint32_t i;
+
+    for (i = 0; i < n; i++)
+        if (pins[i] != 0)
+            __atomic_store_n(&entry_at(t, (uint32_t)pins[i] - 1)->referenced,
+                             (uint32_t)(pins[i] >> 32), __ATOMIC_RELAXED);
+}
+
+int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
+                   const char *values, const uint32_t *vlens, uint64_t ttl_ns,
+                   uint64_t *scratch)
+{
+    uint64_t koff = 0, voff = 0, fresh = 0, expires;
+    uint64_t *hashes = scratch, *pins = scratch + n;
+    uint32_t i;
+    struct op op;
     int rc;
 
     if (t == NULL)
@@ -958,28 +1326,55 @@ int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
         if (vlens[i] > t->value_size)
             return SHMKV_EVALUESIZE;
         hashes[i] = hash_key(t, keys + koff, klens[i]);
+        pins[i] = 0;
     }
     rc = lock_table(t, 0);
     if (rc != SHMKV_OK)
         return rc;
-    /* First pass: all or nothing, so count the keys that would be new before storing any. */
+    op_start(&op, 0);
+    expires = op_deadline(&op, ttl_ns);
+    /* First pass: all or nothing, so count the keys that would be new before storing any.
+     * Expired entries met on the way are reclaimed: they were invisible already. */
     for (i = 0, koff = 0; i < n && rc == SHMKV_OK; koff += klens[i], i++) {
-        struct shmkv_entry *e;
-        int found = locked_find(t, hashes[i], keys + koff, klens[i], &slot, &e);
+        int found;
 
+        op.hash = hashes[i];
+        found = locked_lookup(t, &op, keys + koff, klens[i], FOR_WRITE);
         if (found == SHMKV_ENOTFOUND)
             fresh++;
         else if (found != SHMKV_OK)
             rc = found;
+        else if (t->evict)
+            pins[i] = locked_pin(op.e, entry_number(t, op.e), op.e->referenced);
     }
-    if (rc == SHMKV_OK && t->hdr->count + fresh > t->capacity)
-        rc = SHMKV_EFULL;
-    for (i = 0, koff = 0; i < n && rc == SHMKV_OK; koff += klens[i], voff += vlens[i], i++) {
-        int stored = locked_store(t, hashes[i], keys + koff, klens[i], values + voff, vlens[i]);
+    if (rc == SHMKV_OK && t->hdr->count + fresh > t->capacity && op_expiry_due(t, &op)) {
+        int64_t purged = locked_purge(t, op.now);
 
-        if (stored < 0)
-            rc = stored;
+        if (purged < 0)
+            rc = (int)purged;
     }
+    /* An evicting table makes room as it goes, never evicting a pinned key of the batch: so
+     * the batch itself must fit. */
+    if (rc == SHMKV_OK && t->hdr->count + fresh > t->capacity &&
+        (!t->evict || n > t->capacity))
+        rc = SHMKV_EFULL;
+    /* Second pass: the stores. A stored key's new entry is pinned in its turn, to be left
+     * used if the key was overwritten and cold if it is new, as single stores leave them. */
+    op.referenced = t->evict ? REF_PINNED : REF_COLD;
+    for (i = 0, koff = 0; i < n && rc == SHMKV_OK; koff += klens[i], voff += vlens[i], i++) {
+        const char *key = keys + koff, *value = values + voff;
+
+        op.hash = hashes[i];
+        rc = locked_lookup(t, &op, key, klens[i], FOR_WRITE);
+        if (rc == SHMKV_OK)
+            rc = locked_replace(t, &op, key, klens[i], value, vlens[i], expires);
+        else if (rc == SHMKV_ENOTFOUND)
+            rc = locked_insert(t, &op, key, klens[i], value, vlens[i], expires);
+        if (rc == SHMKV_OK && t->evict)
+            pins[i] = (entry_number(t, op.e) + 1) |
+                      ((uint64_t)(pins[i] != 0 ? REF_USED : REF_COLD) << 32);
+    }
+    locked_unpin(t, pins, n);
     return end_op(t, rc);
 }
 
@@ -993,11 +1388,13 @@ int64_t shmkv_snapshot(shmkv_t *t, int with_values, char *out, uint64_t outcap,
 {
     uint64_t n, hw, used = 0;
     int64_t records = 0;
+    struct op op;
     int rc;
 
     rc = lock_table(t, 0);
     if (rc != SHMKV_OK)
         return rc;
+    op_start(&op, 0);
     hw = t->hdr->high_water;
     if (hw > t->nentries)
         rc = SHMKV_ECORRUPT;
@@ -1008,7 +1405,7 @@ int64_t shmkv_snapshot(shmkv_t *t, int with_values, char *out, uint64_t outcap,
         uint32_t vlen = __atomic_load_n(&e->value_len, __ATOMIC_RELAXED);
         uint64_t size;
 
-        if (e->link != LINK_USED)
+        if (e->link != LINK_USED || op_expired(&op, e))
             continue;
         if (klen > t->key_size || vlen > t->value_size) {
             rc = SHMKV_ECORRUPT;
@@ -1056,6 +1453,7 @@ static void read_stats(const shmkv_t *t, struct shmkv_stats *out)
     out->recoveries = READ(recoveries);
     out->lock_timeouts = READ(lock_timeouts);
     out->broken = READ(broken);
+    out->flags = READ(flags);
 #undef READ
 }
 
@@ -1081,6 +1479,11 @@ int shmkv_peek_stats(shmkv_t *t, struct shmkv_stats *out)
         return SHMKV_EARG;
     read_stats(t, out);
     return SHMKV_OK;
+}
+
+int shmkv_table_flags(shmkv_t *t)
+{
+    return t == NULL ? SHMKV_ECLOSED : t->evict ? SHMKV_EVICT : 0;
 }
 
 int shmkv_geometry(shmkv_t *t, struct shmkv_geometry *out)

@@ -30,7 +30,7 @@ from .errors import (
     ValueTooLarge,
 )
 
-_EXPECTED_ABI = 1
+_EXPECTED_ABI = 2
 if _lib.shmkv_abi() != _EXPECTED_ABI:  # pragma: no cover - a stale build
     raise ImportError(
         f"shmkv's compiled core speaks ABI {_lib.shmkv_abi()}, this Python code ABI "

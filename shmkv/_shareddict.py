@@ -1,9 +1,10 @@
 """SharedDict: a table seen as a ``MutableMapping[str, Any]``, values through a codec.
 
 Keys are str (UTF-8 in the table); values go through ``codec.dumps`` / ``codec.loads``:
-pickle by default, json as an option, or any object with those two methods. Every operation
-is the table's one atomic operation on the encoded bytes; the read-modify-write ones
-(incr, compare_and_swap) loop on the table's compare-and-swap, so they are atomic too.
+pickle by default; json, str (UTF-8 text) or bytes (stored as they are) by name; or any object
+with those two methods. Every operation is the table's one atomic operation on the encoded
+bytes; the read-modify-write ones (incr, compare_and_swap) loop on the table's
+compare-and-swap, so they are atomic too. Expiry (ttl, touch, expire) is the table's.
 
 Pickle is as trusted as every process that can write the segment: a process that can write
 the table can make every reader run code. Choose json where that is not acceptable.
@@ -16,7 +17,7 @@ import pickle
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from typing import Any, Protocol
 
-from ._table import _MISSING, Table
+from ._table import _MISSING, TTL, Table
 
 
 class Codec(Protocol):
@@ -52,7 +53,46 @@ class JsonCodec:
         return json.loads(data)
 
 
-CODECS: dict[str, Codec] = {"pickle": PickleCodec(), "json": JsonCodec()}
+class StrCodec:
+    """str values, stored as UTF-8: readable by any process in any language."""
+
+    name = "str"
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        if not isinstance(obj, str):
+            raise TypeError(f"the str codec stores str values, not {type(obj).__name__}")
+        return obj.encode("utf-8", "surrogateescape")
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return data.decode("utf-8", "surrogateescape")
+
+
+class BytesCodec:
+    """bytes-like values, stored as they are (read back as bytes)."""
+
+    name = "bytes"
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        if isinstance(obj, bytes):
+            return obj
+        if isinstance(obj, (bytearray, memoryview)):
+            return bytes(obj)
+        raise TypeError(f"the bytes codec stores bytes-like values, not {type(obj).__name__}")
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return data
+
+
+CODECS: dict[str, Codec] = {
+    "pickle": PickleCodec(),
+    "json": JsonCodec(),
+    "str": StrCodec(),
+    "bytes": BytesCodec(),
+}
 
 
 def _codec(codec: str | Codec) -> Codec:
@@ -108,12 +148,32 @@ class SharedDict(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         self.table.set(_key(key), self._dumps(value))
 
-    def set(self, key: str, value: Any) -> None:
-        self.table.set(_key(key), self._dumps(value))
+    def set(self, key: str, value: Any, ttl: TTL = None, *, keep_ttl: bool = False) -> bool:
+        """Stores value, expiring after ttl seconds (see Table.set); True if a live key was
+        evicted to make room."""
+        return self.table.set(_key(key), self._dumps(value), ttl, keep_ttl=keep_ttl)
 
-    def add(self, key: str, value: Any) -> bool:
+    def add(self, key: str, value: Any, ttl: TTL = None) -> bool:
         """Stores value only if key is absent; True if it was stored."""
-        return self.table.add(_key(key), self._dumps(value))
+        return self.table.add(_key(key), self._dumps(value), ttl)
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds until key expires, None if never; KeyError if absent."""
+        try:
+            return self.table.ttl(_key(key))
+        except KeyError:
+            raise KeyError(key) from None
+
+    def touch(self, key: str, ttl: TTL) -> bool:
+        """Sliding expiry: key now expires ttl seconds from now, and counts as used."""
+        return self.table.touch(_key(key), ttl)
+
+    def expire(self, key: str, ttl: TTL) -> bool:
+        """key now expires ttl seconds from now (None: never); False if absent."""
+        return self.table.expire(_key(key), ttl)
+
+    def purge_expired(self) -> int:
+        return self.table.purge_expired()
 
     def __delitem__(self, key: str) -> None:
         try:
@@ -162,25 +222,31 @@ class SharedDict(MutableMapping[str, Any]):
         found = self.table.get_many([_key(key) for key in keys])
         return {_text(key): self._loads(data) for key, data in found.items()}
 
-    def set_many(self, mapping: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+    def set_many(
+        self, mapping: Mapping[str, Any] | Iterable[tuple[str, Any]], ttl: TTL = None
+    ) -> None:
         pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
-        self.table.set_many({_key(key): self._dumps(value) for key, value in pairs})
+        self.table.set_many({_key(key): self._dumps(value) for key, value in pairs}, ttl)
 
-    def compare_and_swap(self, key: str, expected: Any, new: Any) -> bool:
+    def compare_and_swap(
+        self, key: str, expected: Any, new: Any, ttl: TTL = None, *, keep_ttl: bool = False
+    ) -> bool:
         """Stores new if the value of key equals (==) expected; True if it did. Compares
-        decoded values, since equal values need not encode to equal bytes."""
+        decoded values, since equal values need not encode to equal bytes. ttl and keep_ttl
+        as in Table.set."""
         bkey = _key(key)
         encoded = self._dumps(new)
         while True:
             data = self.table.get(bkey)
             if data is None or self._loads(data) != expected:
                 return False
-            if self.table.compare_and_swap(bkey, data, encoded):
+            if self.table.compare_and_swap(bkey, data, encoded, ttl, keep_ttl=keep_ttl):
                 return True
 
-    def incr(self, key: str, delta: int = 1, initial: int = 0) -> int:
-        """Adds delta to the int stored under key (absent: initial) and returns the result,
-        atomically across processes."""
+    def incr(self, key: str, delta: int = 1, initial: int = 0, ttl: TTL = None) -> int:
+        """Adds delta to the int stored under key (absent: initial, expiring after ttl
+        seconds; an existing value keeps its deadline) and returns the result, atomically
+        across processes."""
         bkey = _key(key)
         while True:
             data = self.table.get(bkey)
@@ -188,7 +254,12 @@ class SharedDict(MutableMapping[str, Any]):
             if isinstance(current, bool) or not isinstance(current, int):
                 raise TypeError(f"value of {key!r} is a {type(current).__name__}, not an int")
             result = current + delta
-            if self.table.compare_and_swap(bkey, data, self._dumps(result)):
+            encoded = self._dumps(result)
+            if data is None:
+                done = self.table.add(bkey, encoded, ttl)
+            else:
+                done = self.table.compare_and_swap(bkey, data, encoded, keep_ttl=True)
+            if done:
                 return result
 
     def stats(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import os
 import struct
 import time
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
+from datetime import timedelta
 from typing import Any, Union, overload
 
 from . import _segment
@@ -19,6 +20,7 @@ from ._core import ffi, lib
 from .errors import IncompatibleTable, TableClosed, error_for
 
 BytesLike = Union[bytes, bytearray, memoryview]
+TTL = Union[float, int, timedelta, None]
 
 DEFAULT_LOCK_TIMEOUT = 5.0
 _SNAPSHOT_START = 64 * 1024
@@ -31,7 +33,12 @@ _pop = lib.shmkv_pop
 _NOTFOUND = lib.SHMKV_ENOTFOUND
 _CLOSED = lib.SHMKV_ECLOSED
 _INSERTED = lib.SHMKV_INSERTED
+_EVICTED = lib.SHMKV_EVICTED
 _IF_ABSENT = lib.SHMKV_PUT_IF_ABSENT
+_KEEP_TTL: int = lib.SHMKV_KEEP_TTL
+_ON_FULL = {"error": 0, "evict": lib.SHMKV_EVICT}
+# The longest ttl: 2**62 ns, about 146 years, far inside the clock's 64-bit range.
+MAX_TTL = 2**62 / 1e9
 
 
 class _Missing:
@@ -59,6 +66,30 @@ def _positive_int(value: object, what: str, limit: int) -> int:
     if not 1 <= value <= limit:
         raise ValueError(f"{what} must be between 1 and {limit:,}, not {value:,}")
     return value
+
+
+def _ttl_ns(ttl: object) -> int:
+    """A ttl in seconds (or a timedelta) as the C core takes it: ns, 0 for None (never)."""
+    kind = type(ttl)
+    if kind is not float and kind is not int:  # numbers first: this is on the hot path
+        if ttl is None:
+            return 0
+        if isinstance(ttl, timedelta):
+            ttl = ttl.total_seconds()
+        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+            raise TypeError(f"ttl must be seconds (a number or timedelta) or None, "
+                            f"not {type(ttl).__name__}")
+    if not 0 < ttl <= MAX_TTL:  # type: ignore[operator]
+        raise ValueError(f"ttl must be a positive number of seconds up to {MAX_TTL:.3g}, "
+                         f"or None for no expiry, not {ttl!r}")
+    return round(ttl * 1e9) or 1  # type: ignore[operator]
+
+
+def _keep_flags(ttl: object) -> int:
+    """The flags of keep_ttl=True, which leaves no room for a ttl."""
+    if ttl is not None:
+        raise ValueError("give either ttl or keep_ttl=True, not both")
+    return _KEEP_TTL
 
 
 def _timeout(value: object) -> float:
@@ -107,6 +138,8 @@ class Table(MutableMapping[bytes, bytes]):
         self.capacity: int = geometry.capacity
         self.key_size: int = geometry.key_size
         self.value_size: int = geometry.value_size
+        #: "error" (a full table raises TableFull) or "evict" (it makes room), as created.
+        self.on_full: str = "evict" if lib.shmkv_table_flags(self._h) & lib.SHMKV_EVICT else "error"
         self._out: Any = None
         self._snapshot_size = _SNAPSHOT_START
 
@@ -256,28 +289,41 @@ class Table(MutableMapping[bytes, bytes]):
             return False
         raise self._error(n, key)
 
-    def _put(self, key: Any, value: Any, flags: int) -> int:
+    def _put(self, key: Any, value: Any, flags: int, ttl_ns: int) -> int:
         try:
-            rc: int = _put(self._h, key, len(key), value, len(value), flags)
+            rc: int = _put(self._h, key, len(key), value, len(value), flags, ttl_ns)
         except TypeError:
             key = _as_bytes(key, "key")
             value = _as_bytes(value, "value")
-            rc = _put(self._h, key, len(key), value, len(value), flags)
+            rc = _put(self._h, key, len(key), value, len(value), flags, ttl_ns)
         if rc < 0:
             raise self._error(rc, key, value)
         return rc
 
     def __setitem__(self, key: BytesLike, value: BytesLike) -> None:
-        self._put(key, value, 0)
+        self._put(key, value, 0, 0)
 
-    def set(self, key: BytesLike, value: BytesLike) -> None:
-        """Stores key = value, inserting or replacing. TableFull if key is new and the table
-        is full; KeyTooLarge / ValueTooLarge over the limits. Nothing changes on error."""
-        self._put(key, value, 0)
+    def set(
+        self, key: BytesLike, value: BytesLike, ttl: TTL = None, *, keep_ttl: bool = False
+    ) -> bool:
+        """Stores key = value, inserting or replacing. The value expires ``ttl`` seconds from
+        now (None: never; a replaced value's deadline is dropped, as Redis's SET does), or,
+        with keep_ttl=True, when the value it replaces would have.
 
-    def add(self, key: BytesLike, value: BytesLike) -> bool:
-        """Stores key = value only if key is absent; True if it was stored."""
-        return bool(self._put(key, value, _IF_ABSENT) == _INSERTED)
+        Returns True if a live key was evicted to make room (only in a table created with
+        ``on_full="evict"``; nginx calls this "forcible"), else False. TableFull if key is new
+        and the table is full; KeyTooLarge / ValueTooLarge over the limits. Nothing changes on
+        error."""
+        if keep_ttl:
+            rc = self._put(key, value, _keep_flags(ttl), 0)
+        else:
+            rc = self._put(key, value, 0, 0 if ttl is None else _ttl_ns(ttl))
+        return bool(rc & _EVICTED)
+
+    def add(self, key: BytesLike, value: BytesLike, ttl: TTL = None) -> bool:
+        """Stores key = value (expiring after ttl seconds) only if key is absent or expired;
+        True if it was stored."""
+        return bool(self._put(key, value, _IF_ABSENT, _ttl_ns(ttl)) & _INSERTED)
 
     def __delitem__(self, key: BytesLike) -> None:
         try:
@@ -329,39 +375,92 @@ class Table(MutableMapping[bytes, bytes]):
         self._out = out
         return value
 
-    def incr(self, key: BytesLike, delta: int = 1, initial: int = 0) -> int:
+    def incr(self, key: BytesLike, delta: int = 1, initial: int = 0, ttl: TTL = None) -> int:
         """Adds delta to the signed 64-bit counter under key and returns the new count; an
-        absent key starts at initial. The counter is stored as 8 little-endian bytes
-        (``int.from_bytes(t[key], "little", signed=True)`` reads it). NotACounter if the
-        value is not 8 bytes; CounterOverflow past the 64-bit range; nothing changes then."""
+        absent (or expired) key starts at initial and expires ttl seconds later, an existing
+        counter keeps its deadline: ``incr(key, ttl=60)`` counts in fixed 60 s windows. The
+        counter is stored as 8 little-endian bytes (``int.from_bytes(t[key], "little",
+        signed=True)`` reads it). NotACounter if the value is not 8 bytes; CounterOverflow
+        past the 64-bit range; nothing changes then."""
         for what, number in (("delta", delta), ("initial", initial)):
             if isinstance(number, bool) or not isinstance(number, int):
                 raise TypeError(f"{what} must be an int, not {type(number).__name__}")
             if not -(2**63) <= number < 2**63:
                 raise OverflowError(f"{what} {number} is outside the signed 64-bit range")
+        ttl_ns = _ttl_ns(ttl)
         key = _as_bytes(key, "key")
         result = ffi.new("int64_t *")
-        rc = lib.shmkv_incr(self._h, key, len(key), delta, initial, result)
+        rc = lib.shmkv_incr(self._h, key, len(key), delta, initial, ttl_ns, result)
         if rc < 0:
             raise self._error(rc, key)
         return int(result[0])
 
     def compare_and_swap(
-        self, key: BytesLike, expected: BytesLike | None, new: BytesLike
+        self,
+        key: BytesLike,
+        expected: BytesLike | None,
+        new: BytesLike,
+        ttl: TTL = None,
+        *,
+        keep_ttl: bool = False,
     ) -> bool:
         """Stores new under key if its value is currently expected (or, with expected None,
-        if key is absent); True if it did. One atomic step."""
+        if key is absent); True if it did. One atomic step. ttl and keep_ttl as in set()."""
+        flags = _keep_flags(ttl) if keep_ttl else 0
         if expected is None:
-            return self.add(key, new)
+            return self.add(key, new, ttl)
+        ttl_ns = _ttl_ns(ttl)
         key = _as_bytes(key, "key")
         expected = _as_bytes(expected, "expected")
         new = _as_bytes(new, "value")
         rc = lib.shmkv_compare_and_swap(
-            self._h, key, len(key), expected, len(expected), new, len(new)
+            self._h, key, len(key), expected, len(expected), new, len(new), flags, ttl_ns
         )
         if rc < 0:
             raise self._error(rc, key, new)
         return bool(rc == 1)
+
+    # ------------------------------------------------------------------ expiry
+
+    def ttl(self, key: BytesLike) -> float | None:
+        """Seconds until key expires, or None if it never does. KeyError if key is absent
+        (or expired)."""
+        key = _as_bytes(key, "key")
+        left = ffi.new("uint64_t *")
+        rc = lib.shmkv_ttl(self._h, key, len(key), left)
+        if rc == _NOTFOUND:
+            raise KeyError(key)
+        if rc < 0:
+            raise self._error(rc, key)
+        return left[0] / 1e9 if left[0] else None
+
+    def _expire(self, key: BytesLike, ttl: TTL, flags: int) -> bool:
+        ttl_ns = _ttl_ns(ttl)
+        key = _as_bytes(key, "key")
+        rc = lib.shmkv_expire(self._h, key, len(key), ttl_ns, flags)
+        if rc < 0:
+            raise self._error(rc, key)
+        return bool(rc)
+
+    def expire(self, key: BytesLike, ttl: TTL) -> bool:
+        """Makes key expire ttl seconds from now (None: never, like Redis's PERSIST).
+        True if key is present, False (and nothing changes) if not."""
+        return self._expire(key, ttl, 0)
+
+    def touch(self, key: BytesLike, ttl: TTL) -> bool:
+        """Sliding expiry: like expire(), and it counts as a use of key, so that an evicting
+        table keeps it. Call it on each use of a session to keep the session alive while it
+        is used. True if key is present."""
+        return self._expire(key, ttl, lib.SHMKV_TOUCH)
+
+    def purge_expired(self) -> int:
+        """Reclaims the room of every expired key now and returns how many there were.
+        Expired keys are invisible anyway, and their room is reclaimed when needed; calling
+        this from a timer in the master keeps that work off the workers' requests."""
+        n = lib.shmkv_purge_expired(self._h)
+        if n < 0:
+            raise self._error(n)
+        return int(n)
 
     # ------------------------------------------------------------------ whole-table operations
 
@@ -463,9 +562,14 @@ class Table(MutableMapping[bytes, bytes]):
                 pos += vlen
         return result
 
-    def set_many(self, mapping: Mapping[BytesLike, BytesLike] | Iterable[Any]) -> None:
-        """Stores every pair under one lock acquisition, all or nothing: TableFull (and no
-        change) if the new keys do not fit."""
+    def set_many(
+        self, mapping: Mapping[BytesLike, BytesLike] | Iterable[Any], ttl: TTL = None
+    ) -> None:
+        """Stores every pair under one lock acquisition, each expiring after ttl seconds
+        (None: never). All or nothing: TableFull (and no change) if the new keys do not fit;
+        an evicting table evicts other keys to make room, never keys of the batch, and
+        raises TableFull only for a batch larger than the table."""
+        ttl_ns = _ttl_ns(ttl)
         pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
         batch: dict[bytes, bytes] = {}
         for key, value in pairs:
@@ -483,7 +587,8 @@ class Table(MutableMapping[bytes, bytes]):
             ffi.new("uint32_t[]", [len(k) for k in keys]),
             b"".join(values),
             ffi.new("uint32_t[]", [len(v) for v in values]),
-            ffi.new("uint64_t[]", len(keys)),
+            ttl_ns,
+            ffi.new("uint64_t[]", 2 * len(keys)),
         )
         if rc < 0:
             key = next((k for k in keys if len(k) > self.key_size), None)
@@ -494,7 +599,10 @@ class Table(MutableMapping[bytes, bytes]):
 
     def stats(self, *, wait: bool = True) -> dict[str, Any]:
         """Geometry, fill and counters, read in one consistent step under the lock. With
-        wait=False, read without the lock (never blocks; the figures may be mid-update)."""
+        wait=False, read without the lock (never blocks; the figures may be mid-update).
+        Reading changes nothing, so "len" counts expired keys whose room is not reclaimed
+        yet (len() reclaims it first); "expirations" counts reclaimed ones, "evictions"
+        live keys evicted to make room."""
         s = ffi.new("struct shmkv_stats *")
         rc = (lib.shmkv_stats if wait else lib.shmkv_peek_stats)(self._h, s)
         if rc < 0:
@@ -505,6 +613,7 @@ class Table(MutableMapping[bytes, bytes]):
             "version": s.version,
             "capacity": g.capacity,
             "len": s.count,
+            "on_full": "evict" if s.flags & lib.SHMKV_EVICT else "error",
             "key_size": g.key_size,
             "value_size": g.value_size,
             "index_slots": g.nslots,
@@ -550,6 +659,12 @@ class Table(MutableMapping[bytes, bytes]):
     def _crash_after_for_testing(self, points: int) -> None:
         # Ends this process, lock held, at the points-th crash point from now (layout.h).
         lib.shmkv_testing_crash_after(points)
+
+    @staticmethod
+    def _set_clock_for_testing(seconds: float | None) -> None:
+        # Deadlines in this process are read from a clock stopped at `seconds` (None: the
+        # real clock again). Process-wide: tests must restore it.
+        lib.shmkv_testing_set_clock(0 if seconds is None else max(1, round(seconds * 1e9)))
 
     def _hold_lock_for_testing(self, hold: bool = True) -> None:
         # Takes the lock and keeps it, so a test process can die holding it; hold=False
@@ -606,12 +721,17 @@ def create(
     key_size: int = 64,
     value_size: int = 1024,
     *,
+    on_full: str = "error",
     exist_ok: bool = False,
     reserve: bool = True,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> Table:
     """Creates the table ``name`` holding up to ``capacity`` keys of at most ``key_size``
     bytes with values of at most ``value_size`` bytes, and returns it attached.
+
+    When a new key finds the table full, expired keys are reclaimed first; if none are,
+    ``on_full="error"`` raises TableFull, and ``on_full="evict"`` evicts an approximately
+    least recently used key (CLOCK), as a cache would.
 
     The creating process owns the table: it is removed when that process's tree ends, unless
     ``unlink()`` removed it before. With ``exist_ok=True``, an existing table of that name is
@@ -629,6 +749,9 @@ def create(
     capacity = _positive_int(capacity, "capacity", lib.SHMKV_MAX_CAPACITY)
     key_size = _positive_int(key_size, "key_size", lib.SHMKV_MAX_KEY_SIZE)
     value_size = _positive_int(value_size, "value_size", lib.SHMKV_MAX_VALUE_SIZE)
+    if on_full not in _ON_FULL:
+        raise ValueError(f"on_full must be 'error' or 'evict', not {on_full!r}")
+    flags = _ON_FULL[on_full]
     timeout = _timeout(lock_timeout)
     geometry = ffi.new("struct shmkv_geometry *")
     rc = lib.shmkv_layout(capacity, key_size, value_size, geometry)
@@ -636,22 +759,28 @@ def create(
         raise ValueError(f"a table of {capacity:,} entries of {key_size} + {value_size} bytes "
                          "is too large for this machine's address space")
     if not exist_ok:
-        return _create(name, capacity, key_size, value_size, geometry.total_size,
+        return _create(name, capacity, key_size, value_size, flags, geometry.total_size,
                        reserve, timeout, tracked=True)
     with _segment.CreationLock(name, timeout):
         try:
-            return _create(name, capacity, key_size, value_size, geometry.total_size,
+            return _create(name, capacity, key_size, value_size, flags, geometry.total_size,
                            reserve, timeout, tracked=False)
         except FileExistsError:
             table = attach(name, lock_timeout=timeout)
-    asked = (capacity, key_size, value_size)
-    if (table.capacity, table.key_size, table.value_size) != asked:
+    asked = {"capacity": capacity, "key_size": key_size, "value_size": value_size,
+             "on_full": on_full}
+    found = {key: getattr(table, key) for key in asked}
+    if found != asked:
         table.close()
         raise IncompatibleTable(
-            f"table {name!r} exists with capacity={table.capacity}, key_size={table.key_size}, "
-            f"value_size={table.value_size}, not {asked}; attach() it as it is, or unlink it"
+            f"table {name!r} exists with {_params(found)}, not {_params(asked)}; attach() it "
+            "as it is, or unlink it"
         )
     return table
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in params.items())
 
 
 def _create(
@@ -659,6 +788,7 @@ def _create(
     capacity: int,
     key_size: int,
     value_size: int,
+    flags: int,
     size: int,
     reserve: bool,
     timeout: float,
@@ -671,9 +801,8 @@ def _create(
             _segment.reserve(segment, name)
         base = ffi.from_buffer("char[]", segment.buf, require_writable=True)
         try:
-            rc = lib.shmkv_init(
-                base, segment.size, capacity, key_size, value_size, os.urandom(16), os.getpid()
-            )
+            rc = lib.shmkv_init(base, segment.size, capacity, key_size, value_size, flags,
+                                os.urandom(16), os.getpid())
         finally:
             ffi.release(base)
         if rc < 0:

@@ -177,6 +177,9 @@ def format_list(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_ON_FULL = {"error": "TableFull", "evict": "evict (CLOCK)"}
+
+
 def format_table(d: dict[str, Any]) -> str:
     hist = d["probe_lengths"]
     probes = ("unknown while the lock is held" if hist is None else
@@ -189,7 +192,7 @@ def format_table(d: dict[str, Any]) -> str:
         f"keys <= {d['key_size']:,} B, values <= {d['value_size']:,} B "
         f"({d['entry_size']:,} B per entry)",
         f"  fill      {d['len']:,} entries ({d['fill']:.1%}), {d['high_water']:,} pool entries "
-        "ever used",
+        f"ever used; when full: {_ON_FULL[d['on_full']]}",
         f"  memory    {_size(d['segment_size'])} reserved, {_size(d['resident_bytes'])} resident",
         f"  counters  hits {d['hits']:,}  misses {d['misses']:,}  inserts {d['inserts']:,}  "
         f"updates {d['updates']:,}  deletes {d['deletes']:,}",

@@ -23,6 +23,7 @@ from typing import Any
 import shmkv
 
 SESSION = "session:"
+SESSION_TTL = 1800  # seconds: a session lives half an hour from its last use
 
 
 def worker(name: str, index: int, logins: int, ops: int, barrier: Any) -> None:
@@ -30,11 +31,13 @@ def worker(name: str, index: int, logins: int, ops: int, barrier: Any) -> None:
     sessions = shmkv.SharedDict(table, codec="json")
     barrier.wait()
 
-    # Log users in: a random, unguessable session id per login, shared by every worker.
+    # Log users in: a random, unguessable session id per login, shared by every worker, that
+    # expires after SESSION_TTL seconds unless a request touches it.
     mine = []
     for i in range(logins):
         sid = secrets.token_urlsafe(16)
-        sessions[SESSION + sid] = {"user": f"user{index}.{i}", "worker": index, "pid": os.getpid()}
+        sessions.set(SESSION + sid, {"user": f"user{index}.{i}", "worker": index,
+                                     "pid": os.getpid()}, ttl=SESSION_TTL)
         mine.append(sid)
     barrier.wait()  # every worker has logged its users in
 
@@ -50,6 +53,8 @@ def worker(name: str, index: int, logins: int, ops: int, barrier: Any) -> None:
             raise SystemExit(f"worker {index}: a session vanished")
         table.incr(b"page_views")
     elapsed = time.perf_counter() - start
+    for key in keys:  # each session was used: it lives SESSION_TTL seconds from now
+        table.touch(key, SESSION_TTL)
     sessions[f"report:{index}"] = {
         "pid": os.getpid(), "logins": len(mine), "seen": len(seen), "by_others": by_others,
         "ops": 2 * (ops // 2), "ops_per_s": 2 * (ops // 2) / elapsed,
@@ -106,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         stats = table.stats()
         print(f"  table: {stats['len']} entries, {stats['hits']:,} hits, "
               f"{stats['misses']} misses, invariant check passed")
+        left = min(table.ttl(key) or 0 for key in table if key.startswith(SESSION.encode()))
+        print(f"  sessions expire {SESSION_TTL} s after their last use: the soonest in "
+              f"{left:,.0f} s")
         return 0 if views == expected else 1
     finally:
         table.unlink()

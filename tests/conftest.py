@@ -66,6 +66,25 @@ def table(name: str) -> Iterator[shmkv.Table]:
     t.close()
 
 
+class Clock:
+    """The clock of deadlines in this process, stopped at `now` seconds and moved by hand."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        shmkv.Table._set_clock_for_testing(self.now)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        shmkv.Table._set_clock_for_testing(self.now)
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    """Stops the clock of deadlines for one test (and restarts it afterwards)."""
+    yield Clock()
+    shmkv.Table._set_clock_for_testing(None)
+
+
 @pytest.fixture(params=START_METHODS)
 def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context(request.param)

@@ -16,6 +16,7 @@ import signal
 import struct
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
@@ -30,28 +31,71 @@ MAX_POINTS = 400  # far more crash points than any single mutation has
 
 BEFORE = {b"a": b"old-a", b"b": b"old-b", b"c": b"old-c", b"n": (5).to_bytes(8, "little")}
 
-# name -> (the mutation, run in the child; the table it should leave, as a dict)
-MUTATIONS: dict[str, tuple[Callable[[shmkv.Table], Any], dict[bytes, bytes]]] = {
-    "insert": (lambda t: t.__setitem__(b"new", b"new-value"), {**BEFORE, b"new": b"new-value"}),
-    "replace": (lambda t: t.__setitem__(b"a", b"new-a"), {**BEFORE, b"a": b"new-a"}),
-    "add": (lambda t: t.add(b"new", b"added"), {**BEFORE, b"new": b"added"}),
-    "delete": (lambda t: t.__delitem__(b"b"), {k: v for k, v in BEFORE.items() if k != b"b"}),
-    "pop": (lambda t: t.pop(b"a"), {k: v for k, v in BEFORE.items() if k != b"a"}),
-    "incr-existing": (lambda t: t.incr(b"n", 10), {**BEFORE, b"n": (15).to_bytes(8, "little")}),
-    "incr-new": (lambda t: t.incr(b"m", 3), {**BEFORE, b"m": (3).to_bytes(8, "little")}),
-    "compare-and-swap": (lambda t: t.compare_and_swap(b"c", b"old-c", b"cas-c"),
-                         {**BEFORE, b"c": b"cas-c"}),
-    "setdefault": (lambda t: t.setdefault(b"new", b"default"), {**BEFORE, b"new": b"default"}),
-    "clear": (lambda t: t.clear(), {}),
-    "set-many": (lambda t: t.set_many({b"a": b"many-a", b"x": b"many-x", b"y": b"many-y"}),
-                 {**BEFORE, b"a": b"many-a", b"x": b"many-x", b"y": b"many-y"}),
+# Mutations of expired keys run on a stopped clock (Table._set_clock_for_testing): keys are
+# set with a ttl at SET_AT and mutated at LATER, when they have expired.
+SET_AT, LATER = 1000.0, 2000.0
+
+
+def with_expired(t: shmkv.Table) -> None:
+    """BEFORE, plus two keys that have expired by LATER (invisible, but still holding room)."""
+    t.update(BEFORE)
+    t.set(b"gone1", b"expired", ttl=1)
+    t.set(b"gone2", b"expired", ttl=2)
+
+
+class Case:
+    """A mutation to crash in, the table it starts from and the one it should leave."""
+
+    def __init__(self, mutate: Callable[[shmkv.Table], Any], after: dict[bytes, bytes], *,
+                 setup: Callable[[shmkv.Table], None] = lambda t: t.update(BEFORE),
+                 capacity: int = 7, on_full: str = "error", expired: bool = False) -> None:
+        self.mutate, self.after, self.setup = mutate, after, setup
+        self.capacity, self.on_full, self.expired = capacity, on_full, expired
+
+
+MUTATIONS: dict[str, Case] = {
+    "insert": Case(lambda t: t.__setitem__(b"new", b"new-value"),
+                   {**BEFORE, b"new": b"new-value"}),
+    "replace": Case(lambda t: t.__setitem__(b"a", b"new-a"), {**BEFORE, b"a": b"new-a"}),
+    "add": Case(lambda t: t.add(b"new", b"added"), {**BEFORE, b"new": b"added"}),
+    "delete": Case(lambda t: t.__delitem__(b"b"), {k: v for k, v in BEFORE.items() if k != b"b"}),
+    "pop": Case(lambda t: t.pop(b"a"), {k: v for k, v in BEFORE.items() if k != b"a"}),
+    "incr-existing": Case(lambda t: t.incr(b"n", 10),
+                          {**BEFORE, b"n": (15).to_bytes(8, "little")}),
+    "incr-new": Case(lambda t: t.incr(b"m", 3), {**BEFORE, b"m": (3).to_bytes(8, "little")}),
+    "compare-and-swap": Case(lambda t: t.compare_and_swap(b"c", b"old-c", b"cas-c"),
+                             {**BEFORE, b"c": b"cas-c"}),
+    "setdefault": Case(lambda t: t.setdefault(b"new", b"default"),
+                       {**BEFORE, b"new": b"default"}),
+    "clear": Case(lambda t: t.clear(), {}),
+    "set-many": Case(lambda t: t.set_many({b"a": b"many-a", b"x": b"many-x", b"y": b"many-y"}),
+                     {**BEFORE, b"a": b"many-a", b"x": b"many-x", b"y": b"many-y"}),
+    "touch": Case(lambda t: t.touch(b"a", 60), BEFORE),
+    # The table is full: the insert evicts b"a", the first cold key the clock hand meets.
+    "insert-evicting": Case(lambda t: t.__setitem__(b"new", b"new-value"),
+                            {**{k: v for k, v in BEFORE.items() if k != b"a"},
+                             b"new": b"new-value"}, capacity=4, on_full="evict"),
+    "set-many-evicting": Case(lambda t: t.set_many({b"b": b"many-b", b"x": b"many-x"}),
+                              {b"b": b"many-b", b"n": BEFORE[b"n"], b"c": b"old-c",
+                               b"x": b"many-x"}, capacity=4, on_full="evict"),
+    # The table is full of live and expired keys: the insert reclaims the expired room.
+    "insert-reclaiming-expired": Case(lambda t: t.__setitem__(b"new", b"new-value"),
+                                      {**BEFORE, b"new": b"new-value"}, setup=with_expired,
+                                      capacity=6, expired=True),
+    "replace-expired": Case(lambda t: t.__setitem__(b"gone1", b"back"),
+                            {**BEFORE, b"gone1": b"back"}, setup=with_expired, expired=True),
+    "purge-expired": Case(lambda t: t.purge_expired(), BEFORE, setup=with_expired,
+                          expired=True),
 }
 
 
 def crash_during(name: str, mutation: str, points: int) -> None:
+    case = MUTATIONS[mutation]
+    if case.expired:
+        shmkv.Table._set_clock_for_testing(LATER)
     t = shmkv.attach(name)
     t._crash_after_for_testing(points)
-    MUTATIONS[mutation][0](t)
+    case.mutate(t)
     t._crash_after_for_testing(0)
     os._exit(0)
 
@@ -64,31 +108,42 @@ def assert_old_or_new(t: shmkv.Table, before: dict, after: dict) -> None:
     assert len(t) == len(now)
 
 
+@pytest.fixture
+def stopped_clock() -> Iterator[None]:
+    yield
+    shmkv.Table._set_clock_for_testing(None)
+
+
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
-def test_crash_at_every_point_of_every_mutation(mp_context, make_name, mutation: str) -> None:
-    after = MUTATIONS[mutation][1]
+def test_crash_at_every_point_of_every_mutation(mp_context, make_name, stopped_clock,
+                                                mutation: str) -> None:
+    case = MUTATIONS[mutation]
     crashes = 0
     for points in range(1, MAX_POINTS):
         name = make_name()
         # Capacity 7 with 4 keys (16 slots): room for set-many's two and the probe.
-        with shmkv.create(name, capacity=7, key_size=8, value_size=16) as t:
-            t.update(BEFORE)
+        with shmkv.create(name, capacity=case.capacity, key_size=8, value_size=16,
+                          on_full=case.on_full) as t:
+            shmkv.Table._set_clock_for_testing(SET_AT)
+            case.setup(t)
+            shmkv.Table._set_clock_for_testing(LATER)
             child = mp_context.Process(target=crash_during, args=(name, mutation, points))
             child.start()
             (code,) = join_all([child])
             if code == 0:  # the mutation finished before its points-th crash point
-                assert dict(t.items()) == after
+                assert dict(t.items()) == case.after
                 assert t.stats()["recoveries"] == 0
                 t.check()
                 t.unlink()
                 break
             assert code == FAULT_EXIT, f"child died with {code}"
             crashes += 1
-            t[b"probe"] = b"after-crash"  # the next operation recovers and goes on
+            t.get(b"probe")  # the next operation recovers and goes on
             assert t.stats()["recoveries"] == 1
             t.check()
-            del t[b"probe"]
-            assert_old_or_new(t, BEFORE, after)
+            assert_old_or_new(t, BEFORE, case.after)
+            t[b"probe"] = b"after-crash"  # and the table takes writes again
+            t.check()
             t.unlink()
     else:
         pytest.fail(f"{mutation} never completed")
@@ -204,9 +259,14 @@ def test_a_nonsense_lock_word_is_an_error_not_a_hang(make_name) -> None:
 
 # ---------------------------------------------------------------------- torture
 
-TORTURE_SECONDS = 6.0
+TORTURE_SECONDS = 5.0
 TORTURE_WORKERS = 3
 KEYS = 200
+# The second policy: an evicting table with room for half the keys, values that expire
+# within milliseconds, and sliding touches, so that evictions and expiry reclaims are
+# killed in the middle as often as the other writes.
+POLICIES = {"plain": {"capacity": 2 * KEYS + 8},
+            "evict+ttl": {"capacity": KEYS // 2, "on_full": "evict"}}
 
 
 def make_value(key: bytes, n: int) -> bytes:
@@ -220,7 +280,7 @@ def value_is_whole(key: bytes, value: bytes) -> bool:
     return body.startswith(key + b"|") and struct.unpack("=I", crc)[0] == zlib.crc32(body)
 
 
-def hammer(name: str, seed: int, slot: int, stop, progress) -> None:
+def hammer(name: str, seed: int, slot: int, stop, progress, churn: bool) -> None:
     t = shmkv.attach(name)
     rng = random.Random(seed)
     n = 0
@@ -229,7 +289,13 @@ def hammer(name: str, seed: int, slot: int, stop, progress) -> None:
         action = rng.random()
         n += 1
         progress[slot] = n
-        if action < 0.45:
+        if churn and action < 0.1:
+            t.touch(key, rng.choice((0.001, 0.01, 1.0)))
+        elif churn and action < 0.3:
+            t.set(key, make_value(key, n), ttl=rng.choice((None, 0.001, 0.01, 0.1)))
+        elif churn and action < 0.32:
+            t.purge_expired()
+        elif action < 0.45:
             t[key] = make_value(key, n)
         elif action < 0.6:
             t.pop(key, None)
@@ -244,14 +310,16 @@ def hammer(name: str, seed: int, slot: int, stop, progress) -> None:
     t.close()
 
 
-def test_torture_random_sigkills(mp_context, make_name, capsys) -> None:
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_torture_random_sigkills(mp_context, make_name, capsys, policy: str) -> None:
     """Workers hammer one table with self-checking values while the parent SIGKILLs random
     ones at random moments and restarts them. Nobody gets stuck, no value is torn, and the
     table passes its check. Prints a summary."""
     name = make_name()
     rng = random.Random(12345)
-    with shmkv.create(name, capacity=2 * KEYS + 8, key_size=16, value_size=64,
-                      lock_timeout=10) as t:
+    churn = policy != "plain"
+    with shmkv.create(name, key_size=16, value_size=64, lock_timeout=10,
+                      **POLICIES[policy]) as t:
         # A plain shared byte, not an Event: an Event's lock dies held with a killed worker
         # and then blocks every other one (the reason shmkv's own lock is a robust mutex).
         stop = mp_context.RawValue("b", 0)
@@ -261,7 +329,8 @@ def test_torture_random_sigkills(mp_context, make_name, capsys) -> None:
         def start(slot: int) -> Any:
             progress[slot] = 0
             worker = mp_context.Process(target=hammer,
-                                        args=(name, next(seeds), slot, stop, progress))
+                                        args=(name, next(seeds), slot, stop, progress,
+                                              churn))
             worker.start()
             return worker
 
@@ -294,9 +363,10 @@ def test_torture_random_sigkills(mp_context, make_name, capsys) -> None:
         t.check()
         stats = t.stats()
         with capsys.disabled():  # the summary belongs in every run's output, CI's included
-            print(f"\ntorture ({mp_context.get_start_method()}): {kills} SIGKILLs survived, "
-                  f"{checked:,} values checked whole, {stats['recoveries']} recoveries, "
-                  f"{stats['inserts'] + stats['updates'] + stats['deletes']:,} writes, "
-                  f"{len(t)} keys at the end")
+            print(f"\ntorture ({policy}, {mp_context.get_start_method()}): {kills} SIGKILLs "
+                  f"survived, {checked:,} values checked whole, {stats['recoveries']} "
+                  f"recoveries, {stats['inserts'] + stats['updates'] + stats['deletes']:,} "
+                  f"writes, {stats['evictions']:,} evictions, {stats['expirations']:,} "
+                  f"expirations, {len(t)} keys at the end")
         assert kills >= 5
         t.unlink()

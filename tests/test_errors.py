@@ -178,15 +178,19 @@ def test_every_c_call_refuses_a_closed_handle() -> None:
     u64 = ffi.new("uint64_t[]", 1)
     null = ffi.NULL
     assert lib.shmkv_get(null, b"k", 1, out, 8) == closed
-    assert lib.shmkv_put(null, b"k", 1, b"v", 1, 0) == closed
+    assert lib.shmkv_put(null, b"k", 1, b"v", 1, 0, 0) == closed
     assert lib.shmkv_setdefault(null, b"k", 1, b"v", 1, out, 8) == closed
     assert lib.shmkv_pop(null, b"k", 1, out, 8) == closed
-    assert lib.shmkv_incr(null, b"k", 1, 1, 0, n64) == closed
-    assert lib.shmkv_compare_and_swap(null, b"k", 1, b"v", 1, b"w", 1) == closed
+    assert lib.shmkv_incr(null, b"k", 1, 1, 0, 0, n64) == closed
+    assert lib.shmkv_compare_and_swap(null, b"k", 1, b"v", 1, b"w", 1, 0, 0) == closed
+    assert lib.shmkv_expire(null, b"k", 1, 0, 0) == closed
+    assert lib.shmkv_ttl(null, b"k", 1, u64) == closed
+    assert lib.shmkv_purge_expired(null) == closed
+    assert lib.shmkv_table_flags(null) == closed
     assert lib.shmkv_clear(null) == closed
     assert lib.shmkv_len(null) == closed
     assert lib.shmkv_get_many(null, 1, b"k", u32, out, 8, n64, u64) == closed
-    assert lib.shmkv_set_many(null, 1, b"k", u32, b"v", u32, u64) == closed
+    assert lib.shmkv_set_many(null, 1, b"k", u32, b"v", u32, 0, u64) == closed
     assert lib.shmkv_snapshot(null, 1, out, 8, u64) == closed
     assert lib.shmkv_stats(null, ffi.new("struct shmkv_stats *")) == closed
     assert lib.shmkv_check(null, ffi.new("int *")) == closed

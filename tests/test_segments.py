@@ -51,18 +51,22 @@ FIELDS: dict[str, tuple[int, str]] = {
     "entry_size": (72, "Q"),
     "index_offset": (80, "Q"),
     "entries_offset": (88, "Q"),
+    "flags": (120, "I"),
     "ready": (124, "I"),
     "count": (128, "Q"),
     "high_water": (136, "Q"),
     "free_head": (144, "Q"),
     "intent_old": (152, "Q"),
     "intent_new": (160, "Q"),
+    "next_expiry": (248, "Q"),
+    "clock_hand": (256, "Q"),
 }
 MAGIC = b"SHMKVTB1"
 # The pthread_mutex_t, after the counters and reserved words, on its own 64-byte line.
 LOCK_OFFSET = 384
-# struct shmkv_entry: key_len u32, value_len u32, expires u64, seq u32, link u32; then the key.
-KEY_LEN, VALUE_LEN, LINK, KEY = 0, 4, 20, 24
+# struct shmkv_entry: key_len u32, value_len u32, expires u64, seq u32, link u32,
+# referenced u32, spare u32; then the key.
+KEY_LEN, VALUE_LEN, EXPIRES, LINK, REFERENCED, KEY = 0, 4, 8, 20, 24, 32
 LINK_USED = 0xFFFFFFFF
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
@@ -306,7 +310,7 @@ def test_header_offsets_match_this_build(filled: tuple[shmkv.Table, dict[bytes, 
     stats = t.stats()
     g = img.g
     assert img.field("magic") == MAGIC
-    assert img.field("version") == stats["version"] == 1
+    assert img.field("version") == stats["version"] == 2
     assert img.field("ready") == 1
     for field in ("header_size", "total_size", "capacity", "nentries", "nslots", "key_size",
                   "value_size", "entry_size", "index_offset", "entries_offset"):
@@ -385,7 +389,7 @@ def test_attach_rejects_truncated_table(
 
 BAD_HEADERS = [
     # (id, field, change of its value, what the message must say)
-    ("version+1", "version", lambda v: v + 1, "format version 2, this build reads version 1"),
+    ("version+1", "version", lambda v: v + 1, "format version 3, this build reads version 2"),
     ("version-0", "version", lambda v: 0, "format version 0"),
     ("version-flipped", "version", lambda v: v ^ 0xFFFFFFFF, "format version"),
     ("header-size", "header_size", lambda v: v + 64, "another build"),
@@ -803,17 +807,29 @@ def test_create_exist_ok_same_geometry_attaches(
 
 
 @pytest.mark.parametrize(
-    "geometry", [(65, 32, 64), (64, 33, 64), (64, 32, 63), (8, 8, 8)], ids=str
+    "asked",
+    [
+        {"capacity": 65},
+        {"key_size": 33},
+        {"value_size": 63},
+        {"capacity": 8, "key_size": 8, "value_size": 8},
+        {"on_full": "evict"},
+    ],
+    ids=str,
 )
 def test_create_exist_ok_other_geometry(
-    filled: tuple[shmkv.Table, dict[bytes, bytes]], geometry: tuple[int, int, int]
+    filled: tuple[shmkv.Table, dict[bytes, bytes]], asked: dict[str, Any]
 ) -> None:
-    """create(..., exist_ok=True) of an existing table of another geometry raises
+    """create(..., exist_ok=True) of an existing table of another geometry or policy raises
     IncompatibleTable naming both, and leaves the table as it was."""
     t, expected = filled
-    with pytest.raises(shmkv.IncompatibleTable, match=r"exists with capacity=64.*not \(") as info:
-        shmkv.create(t.name, *geometry, exist_ok=True)
-    assert str(geometry) in str(info.value)
+    params = {"capacity": 64, "key_size": 32, "value_size": 64, "on_full": "error", **asked}
+    with pytest.raises(shmkv.IncompatibleTable) as info:
+        shmkv.create(t.name, **params, exist_ok=True)
+    message = str(info.value)
+    assert ("exists with capacity=64, key_size=32, value_size=64, on_full='error', not "
+            in message)
+    assert ", ".join(f"{k}={v!r}" for k, v in params.items()) in message
     assert_table_intact(t.name, expected)
 
 

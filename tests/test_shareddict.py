@@ -125,3 +125,45 @@ def test_custom_and_unknown_codecs(make_name) -> None:
         with pytest.raises(TypeError):
             shmkv.SharedDict({})  # type: ignore[arg-type]
         t.unlink()
+
+
+def test_str_and_bytes_codecs(make_name) -> None:
+    with shmkv.create(make_name(), capacity=4, key_size=16, value_size=64) as t:
+        text = shmkv.SharedDict(t, codec="str")
+        text["greeting"] = "héllo"
+        assert t[b"greeting"] == "héllo".encode() and text["greeting"] == "héllo"
+        with pytest.raises(TypeError, match="str codec"):
+            text["n"] = 1
+        raw = shmkv.SharedDict(t, codec="bytes")
+        raw["blob"] = b"\x00\xff"
+        raw["view"] = memoryview(bytearray(b"abc"))
+        assert raw["blob"] == t[b"blob"] == b"\x00\xff" and raw["view"] == b"abc"
+        with pytest.raises(TypeError, match="bytes codec"):
+            raw["s"] = "text"
+        assert sorted(t) == [b"blob", b"greeting", b"view"]
+        t.unlink()
+
+
+def test_ttl_methods(make_name, clock) -> None:
+    with shmkv.create(make_name(), capacity=8, key_size=16, value_size=64) as t:
+        d = shmkv.SharedDict(t, codec="json")
+        d.set("session", {"user": "ada"}, ttl=30)
+        assert d.ttl("session") == 30.0
+        clock.advance(20)
+        assert d.touch("session", 30) is True and d.ttl("session") == 30.0
+        assert d.add("session", {}, ttl=5) is False
+        assert d.compare_and_swap("session", {"user": "ada"}, {"user": "bob"}, keep_ttl=True)
+        assert d.ttl("session") == 30.0
+        assert d.incr("hits", ttl=10) == 1 and d.incr("hits", ttl=99) == 2
+        assert d.ttl("hits") == 10.0  # a counter's ttl is set when it is created
+        assert d.expire("hits", None) is True and d.ttl("hits") is None
+        d.set_many({"a": 1, "b": 2}, ttl=1)
+        clock.advance(1)
+        assert d.get_many(["a", "b", "session"]) == {"session": {"user": "bob"}}
+        assert d.purge_expired() == 2
+        clock.advance(30)
+        assert "session" not in d and d.touch("session", 30) is False
+        with pytest.raises(KeyError, match="session"):
+            d.ttl("session")
+        assert dict(d) == {"hits": 2}
+        t.unlink()

@@ -268,12 +268,12 @@ def test_lock_timeout_setting(table: shmkv.Table) -> None:
                          [(1, 1, 1), (10, 8, 8), (100_000, 64, 1024), (1000, 17, 99)])
 def test_memory_formula_in_readme(make_name, capacity: int, key_size: int,
                                   value_size: int) -> None:
-    """segment_size = 448 + slots x 8 + (capacity + 1) x (24 + key_size^8 + value_size^8)."""
+    """segment_size = 448 + slots x 8 + (capacity + 1) x (32 + key_size^8 + value_size^8)."""
     slots = 8
     while slots <= capacity * 3 // 2:
         slots *= 2
     up8 = lambda n: (n + 7) // 8 * 8  # noqa: E731
-    expected = 448 + slots * 8 + (capacity + 1) * (24 + up8(key_size) + up8(value_size))
+    expected = 448 + slots * 8 + (capacity + 1) * (32 + up8(key_size) + up8(value_size))
     with shmkv.create(make_name(), capacity=capacity, key_size=key_size,
                       value_size=value_size, reserve=False) as t:
         stats = t.stats()
