@@ -31,6 +31,7 @@ demo: build
 
 bench: build
 	$(BIN)/python bench/bench_basic.py
+	$(BIN)/python bench/bench_expiry.py
 
 cwarn:
 	gcc -fsyntax-only -D_GNU_SOURCE -Wall -Wextra -Werror -Icsrc $(CFILES)
