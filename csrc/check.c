@@ -23,7 +23,8 @@ int locked_check(shmkv_t *t, int *invariant)
     const struct shmkv_header *h = t->hdr;
     struct shmkv_geometry g;
     uint64_t count = h->count, hw = h->high_water, used_slots = 0, empty = 0, used = 0;
-    uint64_t next_expiry = h->next_expiry, i, n, steps, head;
+    uint64_t next_expiry = h->next_expiry, turn_min = h->turn_min, cursor = h->purge_cursor;
+    uint64_t i, n, steps, head;
     unsigned char *seen = calloc((size_t)(t->nentries + 7) / 8, 1);
     int rc = SHMKV_OK;
 
@@ -37,7 +38,8 @@ int locked_check(shmkv_t *t, int *invariant)
                  g.nentries == h->nentries && g.entry_size == h->entry_size &&
                  g.index_offset == h->index_offset && g.entries_offset == h->entries_offset &&
                  g.total_size == h->total_size);
-    CHECK(2, count <= t->capacity && hw <= t->nentries && h->clock_hand < t->nentries);
+    CHECK(2, count <= t->capacity && hw <= t->nentries && h->clock_hand < t->nentries &&
+                 cursor <= hw);
 
     for (i = 0; i < t->nslots; i++) {
         uint64_t s = slot_load(t, i), hash, found_slot = 0;
@@ -70,6 +72,7 @@ int locked_check(shmkv_t *t, int *invariant)
         used++;
         CHECK(9, e->referenced != REF_PINNED);
         CHECK(11, e->expires == 0 || (next_expiry != 0 && next_expiry <= e->expires));
+        CHECK(11, e->expires == 0 || n >= cursor || (turn_min != 0 && turn_min <= e->expires));
     }
     CHECK(7, used == count);
 

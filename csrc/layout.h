@@ -67,7 +67,9 @@ struct shmkv_header {
     uint64_t broken;           /* 1: a recovery could not make the table sound; see lock.c */
     uint64_t next_expiry;      /* 0, or at most the earliest deadline of any live entry */
     uint64_t clock_hand;       /* entry number where the next eviction sweep starts (a hint) */
-    uint64_t reserved[13];     /* room for counters of later versions without a new layout */
+    uint64_t purge_cursor;     /* entry number where the next partial purge resumes */
+    uint64_t turn_min;         /* 0, or at most every deadline the purge's turn has passed */
+    uint64_t reserved[11];     /* room for counters of later versions without a new layout */
 
     pthread_mutex_t lock __attribute__((aligned(SHMKV_ALIGN)));
 };
@@ -151,8 +153,10 @@ static inline void slot_store(shmkv_t *t, uint64_t i, uint64_t v)
     __atomic_store_n(&t->index[i], v, __ATOMIC_RELEASE);
 }
 
-/* The clock of every deadline: CLOCK_MONOTONIC, which all processes of a machine share and
- * which wall-clock changes do not move, in ns. Tests may replace it (shmkv_testing_set_clock).
+/* The clock of every deadline, in ns: CLOCK_BOOTTIME, which all processes of a machine share
+ * and which wall-clock changes do not move. It is CLOCK_MONOTONIC plus the time the machine
+ * spent suspended, so that a 30-minute session does not outlive a 2-hour suspend. Tests may
+ * replace it (shmkv_testing_set_clock).
  * A segment does not outlive a reboot, so neither does any deadline; processes in different
  * time namespaces (a container may have its own) would disagree, and must not share a table. */
 uint64_t shmkv__now(void);

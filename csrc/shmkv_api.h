@@ -203,7 +203,7 @@ int64_t shmkv_lock_owner(shmkv_t *t);
 void shmkv_testing_crash_after(int64_t points);
 
 /* For tests: deadlines are read from a clock that stands at now_ns (and moves only when this
- * is called again) in this process; 0 returns to CLOCK_MONOTONIC. */
+ * is called again) in this process; 0 returns to the real clock (CLOCK_BOOTTIME). */
 void shmkv_testing_set_clock(uint64_t now_ns);
 
 /* For tests: with hold != 0, takes the table's lock and returns holding it, so that a process

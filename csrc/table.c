@@ -45,7 +45,8 @@
  * INVARIANTS (check.c verifies each by number; shmkv_invariant_text() has the same words)
  *   1. The header matches this build: magic, format version, layout signature, and a geometry
  *      that shmkv_layout() recomputes from capacity, key_size and value_size.
- *   2. count <= capacity, high_water <= nentries and clock_hand < nentries.
+ *   2. count <= capacity, high_water <= nentries, clock_hand < nentries and
+ *      purge_cursor <= high_water.
  *   3. Every used slot names an entry below high_water whose link is USED and whose key and
  *      value lengths are within key_size and value_size.
  *   4. A used slot's tag is the low 32 bits of the hash of its entry's key.
@@ -58,26 +59,32 @@
  *   9. No intent is recorded and no entry is pinned while the lock is free.
  *  10. At least one slot is empty (nslots > capacity), so every probe terminates.
  *  11. next_expiry is at or below the deadline of every USED entry that has one (and so is
- *      not 0 if any has one): no expired entry escapes a purge that next_expiry starts.
+ *      not 0 if any has one), and so is turn_min for those below purge_cursor: no expired
+ *      entry escapes the purge that next_expiry starts, and a turn's end sets it right.
  *
  * EXPIRY
- * A deadline is an absolute time in ns on CLOCK_MONOTONIC (shmkv__now), which every process
+ * A deadline is an absolute time in ns on CLOCK_BOOTTIME (shmkv__now), which every process
  * of the machine reads alike and wall-clock changes do not move; 0 means never. Lookups
  * compare it with the clock, read once per operation and only when a deadline is involved,
  * so tables without TTLs never read the clock. Reclaiming is lazy: a write that meets its
- * key expired removes it; an insert into a full table, len() and purge_expired() walk the
- * pool and reclaim every expired entry, but only when next_expiry, a lower bound of all
- * deadlines kept in the header, says one may exist; the walk then sets it exactly. Reads
- * never reclaim (they are to go lock-free). Every reclaim counts one expiration.
+ * key expired removes it, and the purge reclaims the rest. The purge walks the pool in turns
+ * (locked_purge_steps): len() and purge_expired() take a whole turn at once, an insert into
+ * a full table only as many entries as it needs to find room. Every purge waits for
+ * next_expiry, a lower bound of all deadlines kept in the header, to say that something may
+ * have expired; the end of a turn sets it to the earliest deadline the turn saw. So tables
+ * without deadlines never walk, and a full table with a trickle of expiring keys walks its
+ * pool about once per turn, not once per insert. Reads never reclaim (they are to go
+ * lock-free). Every reclaim counts one expiration.
  *
  * EVICTION (tables created with SHMKV_EVICT)
  * CLOCK over the pool: reads, overwrites, counter increments and touches set an entry's
  * referenced bit (a store only when it changes); a new key starts without it. An insert into
- * a full table first reclaims expired entries, as above; if none, the hand (clock_hand)
- * walks the pool from where it stopped, clearing bits, and evicts the first live entry
- * without one: cold keys go first, keys used since the hand's last visit get another turn.
- * The walk is bounded by two turns. set_many pins the entries it stores (REF_PINNED) until
- * it ends, so a batch never evicts its own keys. An eviction is a delete, and as crash-safe.
+ * a full table first takes a bounded look for expired room (PURGE_ROUND_EVICTING entries of
+ * the purge's turn); if that finds none, the hand (clock_hand) walks the pool from where it
+ * stopped, clearing bits, and takes the first entry that has expired or has no bit: expired
+ * and cold keys go first, keys used since the hand's last visit get another turn. The walk
+ * is bounded by two turns. set_many pins the entries of its keys (REF_PINNED) until it ends,
+ * so a batch never evicts its own keys. An eviction is a delete, and as crash-safe.
  *
  * LOCKING
  * Every operation, reads included, runs under the robust, process-shared pthread mutex in the
@@ -130,9 +137,11 @@
  *     needs no repair. Sampling a few random keys, as Redis does, needs no hand but evicts
  *     worse at small sample sizes and is harder to test deterministically.
  *   - A heap or timer wheel of deadlines: exact and incremental, but more shared state to
- *     keep crash-safe; one walk per due next_expiry is enough for a fixed-size table (its
- *     cost is measured in bench/, and purge_expired() lets a master pay it off the request
- *     path).
+ *     keep crash-safe. The purge's turns cost one walk of the pool per turn, shared by the
+ *     inserts of that turn (measured in bench/), and purge_expired() lets a master take
+ *     them off the request path.
+ *   - Walking the whole pool whenever an insert needs expired room: a full table with keys
+ *     expiring one by one (sessions beside per-minute counters) walked it on every insert.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -225,7 +234,7 @@ const char *shmkv_invariant_text(int invariant)
         "the free list is sound and free + count == high_water (nothing leaked)",
         "no intent is recorded and no entry is pinned while the lock is free",
         "at least one index slot is empty",
-        "next_expiry is at or below every live entry's deadline",
+        "next_expiry (and turn_min, below the purge cursor) is at or below every live deadline",
     };
     if (invariant < 0 || invariant >= (int)(sizeof texts / sizeof texts[0]))
         return "unknown invariant";
@@ -449,7 +458,7 @@ uint64_t shmkv__now(void)
 
     if (__builtin_expect(fake != 0, 0))
         return fake;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_BOOTTIME, &ts);
     return (uint64_t)ts.tv_sec * UINT64_C(1000000000) + (uint64_t)ts.tv_nsec;
 }
 
@@ -559,15 +568,23 @@ static void locked_free(shmkv_t *t, struct shmkv_entry *e)
     STORE(h->free_head, entry_number(t, e) + 1);
 }
 
-/* Keeps next_expiry at or below every live deadline (invariant 11). Called before an entry
- * with deadline d becomes live, so a crash can only leave it lower than it need be, which
- * costs a purge that finds nothing and sets it right. */
+static inline uint64_t min_deadline(uint64_t a, uint64_t b)
+{
+    return a == 0 || (b != 0 && b < a) ? b : a;
+}
+
+/* Keeps next_expiry and turn_min at or below every live deadline (invariant 11). Called
+ * before an entry with deadline d becomes live, so a crash can only leave them lower than
+ * they need be, which costs a purge that finds nothing and sets them right. */
 static void locked_note_deadline(shmkv_t *t, uint64_t d)
 {
-    uint64_t next = t->hdr->next_expiry;
+    struct shmkv_header *h = t->hdr;
 
-    if (d != 0 && (next == 0 || d < next))
-        STORE(t->hdr->next_expiry, d);
+    if (d == 0)
+        return;
+    if (min_deadline(h->next_expiry, d) != h->next_expiry)
+        STORE(h->next_expiry, d);
+    h->turn_min = min_deadline(h->turn_min, d);
 }
 
 /* CLOCK's bit. Only evicting tables keep it, and it is written only when it changes, so a
@@ -649,26 +666,33 @@ static int locked_remove_entry(shmkv_t *t, struct shmkv_entry *e)
     return locked_remove(t, slot, e);
 }
 
-/* Reclaims every entry whose deadline is at or before now, and sets next_expiry to the
- * earliest deadline left. Returns the number reclaimed, or a negative code. */
-static int64_t locked_purge(shmkv_t *t, uint64_t now)
+/* The purge walks the pool in turns, from entry 0 to high_water, reclaiming every entry
+ * whose deadline is at or before now; a turn may be spread over many calls, each taking up to
+ * `steps` entries from purge_cursor on. turn_min gathers the deadlines the turn passes (and
+ * those noted meanwhile), so that when the turn ends it is the earliest deadline left and
+ * becomes next_expiry. An insert into a full table thus pays for the entries it walks, not
+ * for a whole pool per expired key. Returns the number reclaimed, or a negative code. */
+static int64_t locked_purge_steps(shmkv_t *t, uint64_t now, uint64_t steps)
 {
     struct shmkv_header *h = t->hdr;
-    uint64_t hw = h->high_water, next = 0, n;
+    uint64_t hw = h->high_water, cursor = h->purge_cursor, turn_min = h->turn_min;
     int64_t purged = 0;
 
     if (hw > t->nentries)
         return SHMKV_ECORRUPT;
-    for (n = 0; n < hw; n++) {
-        struct shmkv_entry *e = entry_at(t, n);
+    if (cursor > hw) {         /* a hint out of range: start the turn again */
+        cursor = 0;
+        turn_min = 0;
+    }
+    for (; steps > 0 && cursor < hw; steps--, cursor++) {
+        struct shmkv_entry *e = entry_at(t, cursor);
         uint64_t d = e->expires;
         int rc;
 
         if (e->link != LINK_USED || d == 0)
             continue;
         if (d > now) {
-            if (next == 0 || d < next)
-                next = d;
+            turn_min = min_deadline(turn_min, d);
             continue;
         }
         rc = locked_remove_entry(t, e);
@@ -677,41 +701,22 @@ static int64_t locked_purge(shmkv_t *t, uint64_t now)
         h->expirations++;
         purged++;
     }
-    STORE(h->next_expiry, next);
+    h->turn_min = turn_min;
+    h->purge_cursor = cursor;
+    if (cursor == hw) {        /* the turn is complete */
+        STORE(h->next_expiry, turn_min);
+        h->purge_cursor = 0;
+        h->turn_min = 0;
+    }
     return purged;
 }
 
-/* CLOCK: the hand walks the pool; a used entry with its bit set loses the bit and is passed
- * over, the first one without it is evicted. Two turns at most: the first clears every bit
- * it passes. Entries pinned by the running set_many are passed over as they are. */
-static int locked_evict(shmkv_t *t)
+/* One whole turn, from the start: every expired entry reclaimed, next_expiry exact. */
+static int64_t locked_purge(shmkv_t *t, uint64_t now)
 {
-    struct shmkv_header *h = t->hdr;
-    uint64_t hw = h->high_water, hand = h->clock_hand, steps;
-
-    if (hw == 0 || hw > t->nentries)
-        return SHMKV_ECORRUPT;
-    if (hand >= hw)
-        hand = 0;
-    for (steps = 0; steps <= 2 * hw; steps++) {
-        struct shmkv_entry *e = entry_at(t, hand);
-        uint32_t ref = __atomic_load_n(&e->referenced, __ATOMIC_RELAXED);
-        int rc;
-
-        hand = hand + 1 < hw ? hand + 1 : 0;
-        if (e->link != LINK_USED || ref == REF_PINNED)
-            continue;
-        if (ref != REF_COLD) {
-            __atomic_store_n(&e->referenced, REF_COLD, __ATOMIC_RELAXED);
-            continue;
-        }
-        h->clock_hand = hand;
-        rc = locked_remove_entry(t, e);
-        if (rc == SHMKV_OK)
-            h->evictions++;
-        return rc;
-    }
-    return SHMKV_ECORRUPT;
+    t->hdr->purge_cursor = 0;
+    t->hdr->turn_min = 0;
+    return locked_purge_steps(t, now, UINT64_MAX);
 }
 
 /* Takes the lock of an open table: SHMKV_ECLOSED for a closed one (NULL handle). */
@@ -798,27 +803,82 @@ static int locked_lookup(shmkv_t *t, struct op *op, const char *key, uint32_t kl
     return rc == SHMKV_OK ? SHMKV_ECORRUPT : rc;  /* a key stored twice */
 }
 
-/* Makes room for one more key in a full table: expired entries first, all of them, if
- * next_expiry says there are any; then, in an evicting table, one live entry chosen by
- * CLOCK. SHMKV_EFULL if neither is possible. */
-static int locked_make_room(shmkv_t *t, struct op *op)
+/* CLOCK: the hand walks the pool; a used entry with its bit set loses the bit and is passed
+ * over, the first one without it is evicted, unless it has expired: then it is reclaimed as
+ * such. Two turns at most: the first clears every bit it passes. Entries pinned by the
+ * running set_many are passed over as they are. */
+static int locked_evict(shmkv_t *t, struct op *op)
 {
-    int64_t purged;
-    int rc;
+    struct shmkv_header *h = t->hdr;
+    uint64_t hw = h->high_water, hand = h->clock_hand, steps;
 
-    if (op_expiry_due(t, op)) {
-        purged = locked_purge(t, op->now);
+    if (hw == 0 || hw > t->nentries)
+        return SHMKV_ECORRUPT;
+    if (hand >= hw)
+        hand = 0;
+    for (steps = 0; steps <= 2 * hw; steps++) {
+        struct shmkv_entry *e = entry_at(t, hand);
+        uint32_t ref = __atomic_load_n(&e->referenced, __ATOMIC_RELAXED);
+        int expired, rc;
+
+        hand = hand + 1 < hw ? hand + 1 : 0;
+        if (e->link != LINK_USED || ref == REF_PINNED)
+            continue;
+        expired = op_expired(op, e);
+        if (ref != REF_COLD && !expired) {
+            __atomic_store_n(&e->referenced, REF_COLD, __ATOMIC_RELAXED);
+            continue;
+        }
+        h->clock_hand = hand;
+        rc = locked_remove_entry(t, e);
+        if (rc == SHMKV_OK && expired)
+            h->expirations++;
+        else if (rc == SHMKV_OK) {
+            h->evictions++;
+            op->evicted = 1;
+        }
+        return rc;
+    }
+    return SHMKV_ECORRUPT;
+}
+
+/* Entries a table that must not evict walks per round looking for expired room, and the
+ * bounded look an evicting table takes before it evicts: a cache is full all the time, and
+ * each insert should cost it a few cache lines, not a walk of the pool. */
+#define PURGE_ROUND 4096
+#define PURGE_ROUND_EVICTING 64
+
+/* Reclaims expired room until `room` more keys fit, if next_expiry says some entry may have
+ * expired. A table that must not evict walks on (two turns at most, since op's now stands
+ * still) until the keys fit or it knows that nothing more has expired; an evicting table
+ * takes one bounded look. */
+static int locked_reclaim(shmkv_t *t, struct op *op, uint64_t room)
+{
+    uint64_t rounds;
+
+    for (rounds = 0; t->hdr->count + room > t->capacity && op_expiry_due(t, op); rounds++) {
+        int64_t purged;
+
+        if (rounds > 2 * (t->nentries / PURGE_ROUND + 1))
+            return SHMKV_ECORRUPT;
+        purged = locked_purge_steps(t, op->now, t->evict ? PURGE_ROUND_EVICTING : PURGE_ROUND);
         if (purged < 0)
             return (int)purged;
+        if (t->evict)
+            break;
     }
-    if (t->hdr->count < t->capacity)
-        return SHMKV_OK;
-    if (!t->evict)
-        return SHMKV_EFULL;
-    rc = locked_evict(t);
-    if (rc == SHMKV_OK)
-        op->evicted = 1;
-    return rc;
+    return SHMKV_OK;
+}
+
+/* Makes room for one more key in a full table: expired room first, then, in an evicting
+ * table, one entry chosen by CLOCK. SHMKV_EFULL if neither frees any. */
+static int locked_make_room(shmkv_t *t, struct op *op)
+{
+    int rc = locked_reclaim(t, op, 1);
+
+    if (rc != SHMKV_OK || t->hdr->count < t->capacity)
+        return rc;
+    return t->evict ? locked_evict(t, op) : SHMKV_EFULL;
 }
 
 /* Inserts an absent key into the empty slot that locked_lookup() returned for it, making
@@ -925,6 +985,8 @@ void locked_rebuild(shmkv_t *t)
             locked_free(t, e);
     }
     STORE(h->next_expiry, next);
+    h->purge_cursor = 0;
+    h->turn_min = 0;
     if (h->clock_hand >= t->nentries)
         h->clock_hand = 0;
 }
@@ -1208,6 +1270,8 @@ int shmkv_clear(shmkv_t *t)
     STORE(h->count, (uint64_t)0);
     STORE(h->next_expiry, (uint64_t)0);
     h->clock_hand = 0;
+    h->purge_cursor = 0;
+    h->turn_min = 0;
     return end_op(t, SHMKV_OK);
 }
 
@@ -1344,15 +1408,11 @@ int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
             fresh++;
         else if (found != SHMKV_OK)
             rc = found;
-        else if (t->evict)
+        else if (t->evict && op.e->referenced != REF_PINNED)  /* a key given twice: once */
             pins[i] = locked_pin(op.e, entry_number(t, op.e), op.e->referenced);
     }
-    if (rc == SHMKV_OK && t->hdr->count + fresh > t->capacity && op_expiry_due(t, &op)) {
-        int64_t purged = locked_purge(t, op.now);
-
-        if (purged < 0)
-            rc = (int)purged;
-    }
+    if (rc == SHMKV_OK)
+        rc = locked_reclaim(t, &op, fresh);
     /* An evicting table makes room as it goes, never evicting a pinned key of the batch: so
      * the batch itself must fit. */
     if (rc == SHMKV_OK && t->hdr->count + fresh > t->capacity &&

@@ -17,7 +17,7 @@ import pickle
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from typing import Any, Protocol
 
-from ._table import _MISSING, TTL, Table
+from ._table import _MISSING, TTL, Table, _keep_flags, _ttl_ns
 
 
 class Codec(Protocol):
@@ -54,7 +54,8 @@ class JsonCodec:
 
 
 class StrCodec:
-    """str values, stored as UTF-8: readable by any process in any language."""
+    """str values, stored as UTF-8: readable by any process in any language. A str that is
+    not valid Unicode (lone surrogates) raises UnicodeEncodeError, a ValueError."""
 
     name = "str"
 
@@ -62,11 +63,11 @@ class StrCodec:
     def dumps(obj: Any) -> bytes:
         if not isinstance(obj, str):
             raise TypeError(f"the str codec stores str values, not {type(obj).__name__}")
-        return obj.encode("utf-8", "surrogateescape")
+        return obj.encode("utf-8")
 
     @staticmethod
     def loads(data: bytes) -> Any:
-        return data.decode("utf-8", "surrogateescape")
+        return data.decode("utf-8")
 
 
 class BytesCodec:
@@ -209,7 +210,11 @@ class SharedDict(MutableMapping[str, Any]):
         return _text(key), self._loads(data)
 
     def setdefault(self, key: str, default: Any = None) -> Any:
-        return self._loads(self.table.setdefault(_key(key), self._dumps(default)))
+        bkey = _key(key)
+        data = self.table.get(bkey)
+        if data is None:  # encode the default only when it may be stored
+            data = self.table.setdefault(bkey, self._dumps(default))
+        return self._loads(data)
 
     def clear(self) -> None:
         self.table.clear()
@@ -236,6 +241,10 @@ class SharedDict(MutableMapping[str, Any]):
         as in Table.set."""
         bkey = _key(key)
         encoded = self._dumps(new)
+        if keep_ttl:
+            _keep_flags(ttl)
+        else:
+            _ttl_ns(ttl)  # bad arguments fail whatever the table holds
         while True:
             data = self.table.get(bkey)
             if data is None or self._loads(data) != expected:
@@ -248,6 +257,7 @@ class SharedDict(MutableMapping[str, Any]):
         seconds; an existing value keeps its deadline) and returns the result, atomically
         across processes."""
         bkey = _key(key)
+        _ttl_ns(ttl)  # a bad ttl fails whether or not the counter exists
         while True:
             data = self.table.get(bkey)
             current = initial if data is None else self._loads(data)

@@ -8,6 +8,7 @@ bound once, the value buffer is reused, and bytes keys go to C without a copy.
 
 from __future__ import annotations
 
+import numbers
 import os
 import struct
 import time
@@ -76,7 +77,9 @@ def _ttl_ns(ttl: object) -> int:
             return 0
         if isinstance(ttl, timedelta):
             ttl = ttl.total_seconds()
-        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        elif isinstance(ttl, numbers.Real) and not isinstance(ttl, bool):
+            ttl = float(ttl)  # Fraction, numpy numbers
+        else:
             raise TypeError(f"ttl must be seconds (a number or timedelta) or None, "
                             f"not {type(ttl).__name__}")
     if not 0 < ttl <= MAX_TTL:  # type: ignore[operator]

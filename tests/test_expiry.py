@@ -13,6 +13,7 @@ import struct
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from fractions import Fraction
 
 import pytest
 from conftest import JOIN_TIMEOUT, join_all
@@ -78,6 +79,8 @@ def test_writes_see_an_expired_key_as_absent(table, clock) -> None:
 def test_ttl_arguments(table, clock) -> None:
     table.set(b"a", b"1", ttl=timedelta(minutes=2))
     assert table.ttl(b"a") == 120.0
+    table.set(b"f", b"1", ttl=Fraction(3, 2))  # any real number
+    assert table.ttl(b"f") == 1.5
     table.set(b"b", b"1", ttl=1e-9)  # one nanosecond: valid, expired at the next tick
     assert table.ttl(b"b") == 1e-9
     for bad in (0, -1, float("nan"), float("inf"), 2**62, timedelta(0)):
@@ -211,6 +214,29 @@ def test_a_full_table_reclaims_expired_room_before_refusing(make_name, clock) ->
         assert t.stats()["expirations"] == 1 and t.stats()["evictions"] == 0
         with pytest.raises(shmkv.TableFull):
             t[b"more"] = b"v"
+        t.check()
+        t.unlink()
+
+
+def test_a_big_full_table_finds_expired_room_behind_and_ahead_of_the_purge(make_name,
+                                                                           clock) -> None:
+    """The purge walks a big pool in rounds and turns (csrc/table.c, EXPIRY): an insert finds
+    expired room ahead of where the last one stopped, and behind it, in the next turn."""
+    n = 10_000  # more than two rounds of the walk
+    with shmkv.create(make_name(), capacity=n, key_size=8, value_size=8, reserve=False) as t:
+        t.set(b"behind", b"v", ttl=3)  # entry 0
+        t.set_many({b"%07d" % i: b"v" for i in range(1, 100)})
+        t.set(b"early", b"v", ttl=1)  # entry 100
+        t.set_many({b"%07d" % i: b"v" for i in range(101, n)})
+        clock.advance(1)
+        t[b"x"] = b"v"  # reclaims "early"; the walk stops a round later
+        t.check()
+        clock.advance(2.5)  # "behind" expires behind the walk: the turn ends, another starts
+        t[b"y"] = b"v"
+        assert b"behind" not in t and b"early" not in t and len(t) == n
+        assert t.stats()["expirations"] == 2
+        with pytest.raises(shmkv.TableFull):
+            t[b"z"] = b"v"
         t.check()
         t.unlink()
 
@@ -425,4 +451,23 @@ def test_expiry_and_eviction_seen_alike_by_another_process(mp_context, make_name
         finally:
             assert join_all([p]) == [0]
         assert t.stats()["evictions"] == 2
+        t.unlink()
+
+
+def test_set_many_from_c_with_a_repeated_key_leaves_no_pin(make_name) -> None:
+    """The C API asks for distinct keys (Python's set_many makes them so); a caller that
+    repeats one gets a refusal or a store, never a key pinned for good."""
+    from shmkv._core import ffi, lib
+
+    with shmkv.create(make_name(), capacity=2, key_size=4, value_size=8,
+                      on_full="evict") as t:
+        t[b"K"], t[b"X"] = b"k", b"x"
+        ones = ffi.new("uint32_t[]", [1, 1, 1])
+        rc = lib.shmkv_set_many(t._h, 3, b"KKY", ones, b"abc", ones, 0,
+                                ffi.new("uint64_t[]", 6))
+        assert rc in (0, lib.SHMKV_EFULL)
+        t.check()
+        for i in range(4):
+            t[b"n%d" % i] = b"v"
+        assert sorted(t) == [b"n2", b"n3"]  # K was evictable like any other key
         t.unlink()

@@ -134,6 +134,9 @@ def test_str_and_bytes_codecs(make_name) -> None:
         assert t[b"greeting"] == "héllo".encode() and text["greeting"] == "héllo"
         with pytest.raises(TypeError, match="str codec"):
             text["n"] = 1
+        with pytest.raises(UnicodeEncodeError):  # not valid text: refused, not mangled
+            text["bad"] = "\udcff"
+        assert text.setdefault("greeting") == "héllo"  # the default is not even encoded
         raw = shmkv.SharedDict(t, codec="bytes")
         raw["blob"] = b"\x00\xff"
         raw["view"] = memoryview(bytearray(b"abc"))
@@ -166,4 +169,12 @@ def test_ttl_methods(make_name, clock) -> None:
         with pytest.raises(KeyError, match="session"):
             d.ttl("session")
         assert dict(d) == {"hits": 2}
+        # Bad arguments fail whatever the table holds, not only when they would be used.
+        with pytest.raises(ValueError):
+            d.incr("hits", ttl=-5)
+        with pytest.raises(ValueError):
+            d.compare_and_swap("hits", "not the value", 3, ttl=0)
+        with pytest.raises(ValueError, match="either ttl or keep_ttl"):
+            d.compare_and_swap("hits", 2, 3, ttl=1, keep_ttl=True)
+        assert d["hits"] == 2
         t.unlink()
