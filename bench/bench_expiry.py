@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 full.set(b"short", value, ttl=1e-6)  # the table is full again
                 time.sleep(1e-4)
 
-            walks.append((f"insert into a full table with 1 expired key of {n:,} "
-                          "(walks the pool)", time_once(one_expired, lambda: full.set(b"new",
-                                                                                        value))))
+            # The expired key sits where the last walk passed: this insert walks a whole turn.
+            walks.append((f"insert into a full table, its 1 expired key of {n:,} a turn away",
+                          time_once(one_expired, lambda: full.set(b"new", value))))
 
             def half_expired() -> None:
                 full.clear()

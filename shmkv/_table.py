@@ -71,21 +71,28 @@ def _positive_int(value: object, what: str, limit: int) -> int:
 
 def _ttl_ns(ttl: object) -> int:
     """A ttl in seconds (or a timedelta) as the C core takes it: ns, 0 for None (never)."""
-    kind = type(ttl)
-    if kind is not float and kind is not int:  # numbers first: this is on the hot path
-        if ttl is None:
-            return 0
-        if isinstance(ttl, timedelta):
-            ttl = ttl.total_seconds()
-        elif isinstance(ttl, numbers.Real) and not isinstance(ttl, bool):
-            ttl = float(ttl)  # Fraction, numpy numbers
-        else:
-            raise TypeError(f"ttl must be seconds (a number or timedelta) or None, "
-                            f"not {type(ttl).__name__}")
-    if not 0 < ttl <= MAX_TTL:  # type: ignore[operator]
-        raise ValueError(f"ttl must be a positive number of seconds up to {MAX_TTL:.3g}, "
-                         f"or None for no expiry, not {ttl!r}")
-    return round(ttl * 1e9) or 1  # type: ignore[operator]
+    seconds: Any = ttl
+    if type(ttl) is int:  # whole seconds, the common case: exact, and no float to convert
+        if 0 < ttl <= MAX_TTL:
+            return ttl * 1_000_000_000
+    elif ttl is None:
+        return 0
+    else:
+        if type(ttl) is not float:
+            seconds = _seconds(ttl)
+        if 0 < seconds <= MAX_TTL:
+            return round(seconds * 1e9) or 1
+    raise ValueError(f"ttl must be a positive number of seconds up to {MAX_TTL:.3g}, "
+                     f"or None for no expiry, not {ttl!r}")
+
+
+def _seconds(ttl: object) -> float:
+    if isinstance(ttl, timedelta):
+        return ttl.total_seconds()
+    if isinstance(ttl, numbers.Real) and not isinstance(ttl, bool):
+        return float(ttl)  # int subclasses, Fraction, numpy numbers
+    raise TypeError(f"ttl must be seconds (a number or timedelta) or None, "
+                    f"not {type(ttl).__name__}")
 
 
 def _keep_flags(ttl: object) -> int:
