@@ -623,7 +623,7 @@ class Table(MutableMapping[bytes, bytes]):
             "version": s.version,
             "capacity": g.capacity,
             "len": s.count,
-            "on_full": "evict" if s.flags & lib.SHMKV_EVICT else "error",
+            "on_full": self.on_full,
             "key_size": g.key_size,
             "value_size": g.value_size,
             "index_slots": g.nslots,
