@@ -32,6 +32,7 @@ demo: build
 bench: build
 	$(BIN)/python bench/bench_basic.py
 	$(BIN)/python bench/bench_expiry.py
+	bash bench/run
 
 cwarn:
 	gcc -fsyntax-only -D_GNU_SOURCE -Wall -Wextra -Werror -Icsrc $(CFILES)

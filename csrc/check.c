@@ -89,6 +89,7 @@ int locked_check(shmkv_t *t, int *invariant)
     }
     CHECK(8, steps + count == hw);
     CHECK(9, h->intent_old == 0 && h->intent_new == 0);
+    CHECK(9, (__atomic_load_n(&h->seq, __ATOMIC_RELAXED) & 1) == (uint64_t)t->writing);
     CHECK(10, empty > 0);
 out:
     free(seen);

@@ -69,7 +69,13 @@ struct shmkv_header {
     uint64_t clock_hand;       /* entry number where the next eviction sweep starts (a hint) */
     uint64_t purge_cursor;     /* entry number where the next partial purge resumes */
     uint64_t turn_min;         /* 0, or at most every deadline the purge's turn has passed */
-    uint64_t reserved[11];     /* room for counters of later versions without a new layout */
+    uint64_t reserved[5];      /* room for counters of later versions without a new layout */
+
+    /* The sequence that optimistic readers validate against (table.c, LOCKING): odd while
+     * a writer holds the lock, bumped twice by every writer. On a line of its own, so that
+     * readers polling it do not share a line with the counters writers update. */
+    uint64_t seq __attribute__((aligned(SHMKV_ALIGN)));
+    uint64_t reserved2[7];
 
     pthread_mutex_t lock __attribute__((aligned(SHMKV_ALIGN)));
 };
@@ -99,6 +105,9 @@ struct shmkv {
     int64_t lock_timeout_ns;
     int lock_kind;             /* shmkv__lock_kind(), checked before every lock */
     int evict;                 /* SHMKV_EVICT was set at creation: keep CLOCK's bits */
+    int writing;               /* this handle's lock holder bumped seq (lock held) */
+    uint64_t pending_hits;     /* optimistic reads not yet added to the header's counters */
+    uint64_t pending_misses;
     int debug_sound;           /* SHMKV_DEBUG: the table passed its check when locked */
 };
 
@@ -161,6 +170,20 @@ static inline void slot_store(shmkv_t *t, uint64_t i, uint64_t v)
  * time namespaces (a container may have its own) would disagree, and must not share a table. */
 uint64_t shmkv__now(void);
 
+/* Moves seq on by one: to odd before a writer's first store, to even after its last. The
+ * fences keep the writer's stores inside the odd stretch for readers on other cores. */
+static inline void locked_seq_bump(shmkv_t *t)
+{
+    uint64_t seq = __atomic_load_n(&t->hdr->seq, __ATOMIC_RELAXED);
+
+    if (seq & 1) {             /* ending a stretch: its stores first */
+        __atomic_store_n(&t->hdr->seq, seq + 1, __ATOMIC_RELEASE);
+    } else {                   /* starting one: the odd value before any store */
+        __atomic_store_n(&t->hdr->seq, seq + 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+    }
+}
+
 /* siphash.c */
 uint64_t shmkv_siphash13(const void *data, size_t len, uint64_t k0, uint64_t k1);
 
@@ -172,6 +195,8 @@ int locked_check(shmkv_t *t, int *invariant);
 
 /* lock.c */
 #define LOCK_EVEN_BROKEN 1     /* shmkv__lock() flag: for stats and check, which only read */
+#define LOCK_READ_ONLY 2       /* shmkv__lock() flag: the holder changes nothing that optimistic
+                                * readers read, so it leaves seq alone */
 int shmkv__lock(shmkv_t *t, int flags);
 void shmkv__unlock(shmkv_t *t);
 int shmkv__init_lock(struct shmkv_header *h);

@@ -183,10 +183,17 @@ int shmkv__lock(shmkv_t *t, int flags)
                          locked_check(t, &invariant) == SHMKV_OK;
     }
 #endif
+    t->writing = !(flags & LOCK_READ_ONLY);
+    if (t->writing)
+        locked_seq_bump(t);
     return SHMKV_OK;
 }
 
 void shmkv__unlock(shmkv_t *t)
 {
+    if (t->writing) {
+        t->writing = 0;
+        locked_seq_bump(t);
+    }
     pthread_mutex_unlock(&t->hdr->lock);
 }

@@ -206,7 +206,8 @@ void shmkv_testing_crash_after(int64_t points);
  * is called again) in this process; 0 returns to the real clock (CLOCK_BOOTTIME). */
 void shmkv_testing_set_clock(uint64_t now_ns);
 
-/* For tests: with hold != 0, takes the table's lock and returns holding it, so that a process
+/* For tests: with hold != 0, takes the table's lock and returns holding it, as a writer
+ * (hold == 1) or as a reader that leaves optimistic readers be (hold == 2), so that a process
  * can die as its owner; with hold == 0, releases it again. A process must release the lock
  * before it unmaps the table: glibc links held robust mutexes into a per-thread list, and an
  * unmapped list element crashes the next robust lock. Never used by the library itself. */

@@ -56,7 +56,8 @@
  *   7. The used slots, the USED entries below high_water and count are the same number.
  *   8. The free list holds only entries below high_water that are not USED or BUSY, has no
  *      cycle, and free + count == high_water: no entry is leaked.
- *   9. No intent is recorded and no entry is pinned while the lock is free.
+ *   9. No intent is recorded and no entry is pinned while the lock is free, and seq is odd
+ *      exactly while a writer holds it.
  *  10. At least one slot is empty (nslots > capacity), so every probe terminates.
  *  11. next_expiry is at or below the deadline of every USED entry that has one (and so is
  *      not 0 if any has one), and so is turn_min for those below purge_cursor: no expired
@@ -87,9 +88,20 @@
  * so a batch never evicts its own keys. An eviction is a delete, and as crash-safe.
  *
  * LOCKING
- * Every operation, reads included, runs under the robust, process-shared pthread mutex in the
- * header (lock.c). Hashing and argument checks happen before taking it. Functions named
- * locked_* expect the lock held. Lock waits time out (SHMKV_ELOCKTIMEOUT) instead of hanging
+ * Every write runs under the robust, process-shared pthread mutex in the header (lock.c).
+ * Hashing and argument checks happen before taking it. Functions named locked_* expect the
+ * lock held, except that optimistic readers run the lookups (locked_find, locked_lookup for
+ * reading, copy_value), which only read, bound every walk and check every length and entry
+ * number they read.
+ * A get reads optimistically, without the lock: it reads seq (even), looks the key up,
+ * copies the value out, and reads seq again; if seq moved, a writer ran and the read starts
+ * over. Every writer makes seq odd after taking the lock and even before releasing it
+ * (locked_seq_bump), so readers neither block each other nor writers, and never return a
+ * torn value. After OPTIMISTIC_TRIES failed tries a reader takes the lock like a writer: a
+ * writer that died left seq odd, and the lock's recovery evens it. Readers count hits and
+ * misses in their handle and add them to the header now and then (PENDING_FLUSH), so that
+ * they write no shared line. Other reads (get_many, iteration, ttl, stats) take the lock
+ * but leave seq alone (LOCK_READ_ONLY). Lock waits time out (SHMKV_ELOCKTIMEOUT) instead of hanging
  * behind a stopped process; shmkv_lock_owner() tells who holds it. glibc trusts the mutex's
  * type word, so it is compared with a freshly made mutex's before every lock.
  *
@@ -232,7 +244,7 @@ const char *shmkv_invariant_text(int invariant)
         "no entry is named by two slots",
         "used slots, USED entries and count agree",
         "the free list is sound and free + count == high_water (nothing leaked)",
-        "no intent is recorded and no entry is pinned while the lock is free",
+        "no intent, pin or odd seq while no writer holds the lock",
         "at least one index slot is empty",
         "next_expiry (and turn_min, below the purge cursor) is at or below every live deadline",
     };
@@ -429,8 +441,25 @@ int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t why
     return SHMKV_OK;
 }
 
+/* Reads a handle counts before adding them to the header's hits and misses, so that readers
+ * in several processes do not all write one cache line. */
+#define PENDING_FLUSH 1024
+
+static void flush_pending(shmkv_t *t)
+{
+    uint64_t hits = __atomic_exchange_n(&t->pending_hits, 0, __ATOMIC_RELAXED);
+    uint64_t misses = __atomic_exchange_n(&t->pending_misses, 0, __ATOMIC_RELAXED);
+
+    if (hits != 0)
+        __atomic_fetch_add(&t->hdr->hits, hits, __ATOMIC_RELAXED);
+    if (misses != 0)
+        __atomic_fetch_add(&t->hdr->misses, misses, __ATOMIC_RELAXED);
+}
+
 void shmkv_close(shmkv_t *t)
 {
+    if (t != NULL)
+        flush_pending(t);
     free(t);
 }
 
@@ -944,6 +973,11 @@ void locked_rebuild(shmkv_t *t)
     struct shmkv_header *h = t->hdr;
     uint64_t hw = h->high_water, io = h->intent_old, in = h->intent_new, next = 0, n, i;
 
+    /* Optimistic readers must see the rebuild as a write: seq odd throughout (a dead writer
+     * may have left it so already), even again at the end. */
+    if (!(h->seq & 1))
+        locked_seq_bump(t);
+
     if (hw > t->nentries)
         hw = t->nentries;
     /* A replace that got as far as marking its new entry USED rolls forward. */
@@ -989,6 +1023,7 @@ void locked_rebuild(shmkv_t *t)
     h->turn_min = 0;
     if (h->clock_hand >= t->nentries)
         h->clock_hand = 0;
+    locked_seq_bump(t);
 }
 
 /* Returns 0 (key found) or SHMKV_ENOTFOUND with the lock held; any other code without it.
@@ -1006,7 +1041,7 @@ static int begin_op(shmkv_t *t, const char *key, uint32_t klen, uint32_t vlen, i
     if (vlen > t->value_size)
         return SHMKV_EVALUESIZE;
     op_start(op, hash_key(t, key, klen));
-    rc = shmkv__lock(t, 0);
+    rc = shmkv__lock(t, write ? 0 : LOCK_READ_ONLY);
     if (rc != SHMKV_OK)
         return rc;
     rc = locked_lookup(t, op, key, klen, write);
@@ -1050,22 +1085,77 @@ static int copy_value(const shmkv_t *t, struct shmkv_entry *e, char *out, uint32
     return (int)vlen;
 }
 
+/* Optimistic tries of a read before it takes the lock: enough to ride out a few writers,
+ * few enough that a writer that died mid-write (seq left odd) costs a reader microseconds
+ * before it takes the lock, whose recovery mends the table and seq. */
+#define OPTIMISTIC_TRIES 64
+
+/* Counts a read of a value (out != NULL): a hit marks the entry used, for eviction. */
+static void count_read(shmkv_t *t, int rc, struct shmkv_entry *e)
+{
+    uint64_t *pending;
+
+    if (rc >= 0) {
+        pending = &t->pending_hits;
+        mark_used(t, e);
+    } else if (rc == SHMKV_ENOTFOUND) {
+        pending = &t->pending_misses;
+    } else {
+        return;
+    }
+    if (__atomic_add_fetch(pending, 1, __ATOMIC_RELAXED) >= PENDING_FLUSH)
+        flush_pending(t);
+}
+
+/* One optimistic read (LOCKING): looks key up and copies its value out without the lock,
+ * then checks that no writer ran meanwhile. Returns 1 with the result in *rc if the read
+ * stands, 0 if a writer ran or is running and it must be tried again. The lookup only
+ * reads, bounds-checks everything it reads and walks at most nslots slots, so a writer
+ * running meanwhile can make it see stale or mixed data, never make it read outside the
+ * table or loop; the sequence check then throws such a read away. */
+static int optimistic_get(shmkv_t *t, struct op *op, const char *key, uint32_t klen,
+                          char *out, uint32_t outcap, int *rc)
+{
+    uint64_t seq = __atomic_load_n(&t->hdr->seq, __ATOMIC_ACQUIRE);
+    int found;
+
+    if (seq & 1)
+        return 0;
+    found = locked_lookup(t, op, key, klen, FOR_READ);
+    if (found == SHMKV_OK)
+        found = copy_value(t, op->e, out, outcap);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&t->hdr->seq, __ATOMIC_RELAXED) != seq)
+        return 0;
+    *rc = found;
+    return 1;
+}
+
 int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap)
 {
     struct op op;
-    int rc;
+    int rc, tries;
 
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    if (klen > t->key_size)
+        return SHMKV_EKEYSIZE;
+    op_start(&op, hash_key(t, key, klen));
+    /* A broken table answers through the lock, which says so. */
+    for (tries = 0; tries < OPTIMISTIC_TRIES && !__atomic_load_n(&t->hdr->broken,
+                                                                 __ATOMIC_RELAXED); tries++) {
+        if (optimistic_get(t, &op, key, klen, out, outcap, &rc)) {
+            if (out != NULL)
+                count_read(t, rc, op.e);
+            return rc;
+        }
+        op.now = 0;
+    }
     BEGIN_OP(t, key, klen, 0, FOR_READ, &op);
     if (rc == SHMKV_OK)
         rc = copy_value(t, op.e, out, outcap);
-    if (out != NULL) {
-        if (rc >= 0) {
-            t->hdr->hits++;
-            mark_used(t, op.e);
-        } else if (rc == SHMKV_ENOTFOUND) {
-            t->hdr->misses++;
-        }
-    }
+    if (out != NULL)
+        count_read(t, rc, op.e);
     shmkv__unlock(t);
     return rc;
 }
@@ -1311,7 +1401,7 @@ int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
         vlens[i] = (int64_t)hash_key(t, keys + off, klens[i]);
         off += klens[i];
     }
-    rc = lock_table(t, 0);
+    rc = lock_table(t, LOCK_READ_ONLY);
     if (rc != SHMKV_OK)
         return rc;
     op_start(&op, 0);
@@ -1343,8 +1433,8 @@ int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
     if (rc == SHMKV_OK && used > outcap)
         rc = SHMKV_EBUFSIZE;
     if (rc == SHMKV_OK) {
-        t->hdr->hits += hits;
-        t->hdr->misses += misses;
+        __atomic_fetch_add(&t->hdr->hits, hits, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&t->hdr->misses, misses, __ATOMIC_RELAXED);
     }
     shmkv__unlock(t);
     if (needed != NULL)
@@ -1451,7 +1541,7 @@ int64_t shmkv_snapshot(shmkv_t *t, int with_values, char *out, uint64_t outcap,
     struct op op;
     int rc;
 
-    rc = lock_table(t, 0);
+    rc = lock_table(t, LOCK_READ_ONLY);
     if (rc != SHMKV_OK)
         return rc;
     op_start(&op, 0);
@@ -1523,9 +1613,10 @@ int shmkv_stats(shmkv_t *t, struct shmkv_stats *out)
 
     if (out == NULL)
         return SHMKV_EARG;
-    rc = lock_table(t, LOCK_EVEN_BROKEN);
+    rc = lock_table(t, LOCK_EVEN_BROKEN | LOCK_READ_ONLY);
     if (rc != SHMKV_OK)
         return rc;
+    flush_pending(t);
     read_stats(t, out);
     shmkv__unlock(t);
     return SHMKV_OK;
@@ -1537,6 +1628,7 @@ int shmkv_peek_stats(shmkv_t *t, struct shmkv_stats *out)
         return SHMKV_ECLOSED;
     if (out == NULL)
         return SHMKV_EARG;
+    flush_pending(t);
     read_stats(t, out);
     return SHMKV_OK;
 }
@@ -1562,7 +1654,7 @@ int shmkv_check(shmkv_t *t, int *invariant)
     if (invariant == NULL)
         invariant = &dummy;
     *invariant = 0;
-    rc = lock_table(t, LOCK_EVEN_BROKEN);
+    rc = lock_table(t, LOCK_EVEN_BROKEN | LOCK_READ_ONLY);
     if (rc != SHMKV_OK)
         return rc;
     rc = locked_check(t, invariant);
@@ -1575,7 +1667,7 @@ int shmkv_testing_hold_lock(shmkv_t *t, int hold)
     if (t == NULL)
         return SHMKV_ECLOSED;
     if (hold)
-        return shmkv__lock(t, LOCK_EVEN_BROKEN);
+        return shmkv__lock(t, LOCK_EVEN_BROKEN | (hold == 2 ? LOCK_READ_ONLY : 0));
     shmkv__unlock(t);
     return SHMKV_OK;
 }
@@ -1600,7 +1692,7 @@ int64_t shmkv_probe_lengths(shmkv_t *t, uint64_t *hist, uint32_t n)
 
     if (hist == NULL || n == 0)
         return SHMKV_EARG;
-    rc = lock_table(t, LOCK_EVEN_BROKEN);
+    rc = lock_table(t, LOCK_EVEN_BROKEN | LOCK_READ_ONLY);
     if (rc != SHMKV_OK)
         return rc;
     memset(hist, 0, n * sizeof *hist);

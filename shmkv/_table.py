@@ -38,6 +38,7 @@ _EVICTED = lib.SHMKV_EVICTED
 _IF_ABSENT = lib.SHMKV_PUT_IF_ABSENT
 _KEEP_TTL: int = lib.SHMKV_KEEP_TTL
 _ON_FULL = {"error": 0, "evict": lib.SHMKV_EVICT}
+_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 # The longest ttl: 2**62 ns, about 146 years, far inside the clock's 64-bit range.
 MAX_TTL = 2**62 / 1e9
 
@@ -282,10 +283,24 @@ class Table(MutableMapping[bytes, bytes]):
         raise self._error(n, key)
 
     def __getitem__(self, key: BytesLike) -> bytes:
-        value: bytes | None = self.get(key, _MISSING)
-        if value is _MISSING:
+        # get()'s body again, not a call to it: the call would cost more than the C lookup.
+        out = self._out
+        self._out = None
+        if out is None:
+            out = self._new_buffers()
+        try:
+            n = _get(self._h, key, len(key), out[0], self.value_size)
+        except TypeError:
+            key = _as_bytes(key, "key")
+            n = _get(self._h, key, len(key), out[0], self.value_size)
+        if n >= 0:
+            value: bytes = out[1][0:n]
+            self._out = out
+            return value
+        self._out = out
+        if n == _NOTFOUND:
             raise KeyError(key)
-        return value  # type: ignore[return-value]
+        raise self._error(n, key)
 
     def __contains__(self, key: object) -> bool:
         try:
@@ -544,18 +559,21 @@ class Table(MutableMapping[bytes, bytes]):
 
     def get_many(self, keys: Iterable[BytesLike]) -> dict[bytes, bytes]:
         """The values of the keys that are present, read under one lock acquisition."""
-        blist = [_as_bytes(key, "key") for key in keys]
+        blist = keys if type(keys) is list else list(keys)
+        if set(map(type, blist)) != {bytes}:  # a per-key call only when some key is not bytes
+            blist = [_as_bytes(key, "key") for key in blist]
         n = len(blist)
         if n == 0:
             return {}
         joined = b"".join(blist)
-        klens = ffi.new("uint32_t[]", [len(key) for key in blist])
+        klens = ffi.new("uint32_t[]", list(map(len, blist)))
         vlens = ffi.new("int64_t[]", n)
         needed = ffi.new("uint64_t *")
         # Room for every value at its largest, up to 1 MiB; past that, ask C what is needed.
+        # Not zeroed: C writes what is read back.
         size = min(n * self.value_size, 1 << 20)
         while True:
-            out = ffi.new("char[]", max(size, 1))
+            out = _uncleared("char[]", max(size, 1))
             rc = lib.shmkv_get_many(self._h, n, joined, klens, out, size, vlens, needed)
             if rc != lib.SHMKV_EBUFSIZE:
                 break
@@ -563,13 +581,14 @@ class Table(MutableMapping[bytes, bytes]):
         if rc < 0:
             bad = next((k for k in blist if len(k) > self.key_size), None)
             raise self._error(rc, bad)
-        data = ffi.buffer(out, needed[0])[:]
+        data = ffi.buffer(out, needed[0])  # sliced straight into each value: one copy
         result: dict[bytes, bytes] = {}
         pos = 0
         for key, vlen in zip(blist, ffi.unpack(vlens, n)):
             if vlen >= 0:
-                result[key] = data[pos : pos + vlen]
-                pos += vlen
+                end = pos + vlen
+                result[key] = data[pos:end]
+                pos = end
         return result
 
     def set_many(
@@ -676,10 +695,11 @@ class Table(MutableMapping[bytes, bytes]):
         # real clock again). Process-wide: tests must restore it.
         lib.shmkv_testing_set_clock(0 if seconds is None else max(1, round(seconds * 1e9)))
 
-    def _hold_lock_for_testing(self, hold: bool = True) -> None:
-        # Takes the lock and keeps it, so a test process can die holding it; hold=False
-        # releases it (a process must, before it closes the table).
-        rc = lib.shmkv_testing_hold_lock(self._h, int(hold))
+    def _hold_lock_for_testing(self, hold: bool = True, *, writer: bool = True) -> None:
+        # Takes the lock and keeps it, as a writer or as a reader that optimistic gets do
+        # not wait for, so a test process can die holding it; hold=False releases it (a
+        # process must, before it closes the table).
+        rc = lib.shmkv_testing_hold_lock(self._h, 0 if not hold else 1 if writer else 2)
         if rc < 0:
             raise self._error(rc)
 

@@ -90,11 +90,12 @@ def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseCo
     return multiprocessing.get_context(request.param)
 
 
-def hold_lock(name: str, ready, done, die: bool) -> None:
-    """A child process: takes the table's lock, sets ready, waits for done; then dies still
-    holding the lock (die) or releases it and returns."""
+def hold_lock(name: str, ready, done, die: bool, writer: bool = True) -> None:
+    """A child process: takes the table's lock (as a writer, or as a reader that optimistic
+    gets do not wait for), sets ready, waits for done; then dies still holding the lock (die)
+    or releases it and returns."""
     t = shmkv.attach(name)
-    t._hold_lock_for_testing()
+    t._hold_lock_for_testing(writer=writer)
     ready.set()
     done.wait(JOIN_TIMEOUT)
     if die:
