@@ -96,12 +96,12 @@ int floor_init(unsigned n, unsigned size)
     store_size = size;
     return store == NULL ? -1 : 0;
 }
-/* The key picks a slot by its last 4 bytes, read as they are: no hashing, no lock. */
+/* The key picks a slot by its last 8 bytes, read as they are: no hashing, no lock. */
 static unsigned slot(const char *key, unsigned klen)
 {
-    unsigned i = 0;
-    memcpy(&i, key + klen - 4, 4);
-    return i % store_n;
+    unsigned long long i = 0;
+    memcpy(&i, key + klen - 8, 8);
+    return (unsigned)(i % store_n);
 }
 int floor_get(const char *key, unsigned klen, char *out, unsigned outcap)
 {

@@ -340,24 +340,26 @@ def test_torture_random_sigkills(mp_context, make_name, capsys, policy: str) -> 
         workers = [start(slot) for slot in range(TORTURE_WORKERS)]
         kills = checked = 0
         deadline = time.monotonic() + TORTURE_SECONDS
-        while time.monotonic() < deadline:
-            # The parent is a reader too; between its batches of reads, a worker that has
-            # done a random number of operations since it started is killed.
-            for _ in range(rng.randrange(50, 2000)):
-                key = b"k%03d" % rng.randrange(KEYS)
-                value = t.get(key)
-                if value is not None:
-                    assert value_is_whole(key, value), (key, value)
-                    checked += 1
-            victim = rng.randrange(len(workers))
-            if progress[victim] < rng.randrange(1, 3000):
-                continue
-            assert workers[victim].exitcode is None, "a worker died on its own"
-            os.kill(workers[victim].pid, signal.SIGKILL)
-            workers[victim].join(JOIN_TIMEOUT)
-            kills += 1
-            workers[victim] = start(victim)
-        stop.value = 1
+        try:
+            while time.monotonic() < deadline:
+                # The parent is a reader too; between its batches of reads, a worker that has
+                # done a random number of operations since it started is killed.
+                for _ in range(rng.randrange(50, 2000)):
+                    key = b"k%03d" % rng.randrange(KEYS)
+                    value = t.get(key)
+                    if value is not None:
+                        assert value_is_whole(key, value), (key, value)
+                        checked += 1
+                victim = rng.randrange(len(workers))
+                if progress[victim] < rng.randrange(1, 3000):
+                    continue
+                assert workers[victim].exitcode is None, "a worker died on its own"
+                os.kill(workers[victim].pid, signal.SIGKILL)
+                workers[victim].join(JOIN_TIMEOUT)
+                kills += 1
+                workers[victim] = start(victim)
+        finally:
+            stop.value = 1  # even when an assertion fails: no worker outlives the test
         assert join_all(workers) == [0] * len(workers)
         for key, value in t.items():
             if key.startswith(b"k"):

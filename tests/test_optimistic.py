@@ -72,9 +72,11 @@ def test_readers_never_see_a_torn_value(mp_context, make_name) -> None:
                    for i in range(READERS)]
         for p in writers + readers:
             p.start()
-        assert join_all(readers) == [0] * READERS
-        stop.value = 1
-        assert join_all(writers) == [0] * WRITERS
+        try:
+            assert join_all(readers) == [0] * READERS
+        finally:
+            stop.value = 1  # whatever happened, the writers stop (or join_all kills them)
+            assert join_all(writers) == [0] * WRITERS
         for r in results:
             torn, found = divmod(r, 10**9)
             assert torn == 0, f"{torn} torn values"
