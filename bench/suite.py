@@ -88,19 +88,23 @@ class DictStore(Store):
 FLOOR_C = r"""
 #include <string.h>
 static char *store;
-static unsigned store_n, store_size, lens[1 << 20];
+static unsigned store_n, store_size, *lens;
 int floor_init(unsigned n, unsigned size)
 {
     store = calloc(n, size);
+    lens = calloc(n, sizeof *lens);
     store_n = n;
     store_size = size;
-    return store == NULL ? -1 : 0;
+    return store == NULL || lens == NULL ? -1 : 0;
 }
-/* The key picks a slot by its last 8 bytes, read as they are: no hashing, no lock. */
+/* The key is the decimal number of its slot (keys_of() makes them so): no hashing, no lock,
+ * and every key a slot of its own, as in a table. */
 static unsigned slot(const char *key, unsigned klen)
 {
     unsigned long long i = 0;
-    memcpy(&i, key + klen - 8, 8);
+    unsigned k;
+    for (k = 0; k < klen; k++)
+        i = i * 10 + (unsigned)(key[k] - '0');
     return (unsigned)(i % store_n);
 }
 int floor_get(const char *key, unsigned klen, char *out, unsigned outcap)
@@ -432,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                   dir="/dev/shm"))
         specs: list[tuple[str, tuple[str, Any]]] = []  # (label, spec) of the shared stores
         stores: dict[str, Store] = {"dict": DictStore()}  # the in-process ones too
-        try:
-            stores["floor"] = FloorStore(build_floor(workdir), n, LARGE)
+        try:  # built outside /dev/shm, which may be mounted noexec
+            builddir = stack.enter_context(tempfile.TemporaryDirectory(prefix="shmkv-floor-"))
+            stores["floor"] = FloorStore(build_floor(builddir), n, LARGE)
         except Exception as exc:  # a compiler problem is a skip, not a failure
             print(f"skipped the floor: {exc}")
 

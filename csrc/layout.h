@@ -9,7 +9,7 @@
 #include "shmkv.h"
 
 /* Bump on any change to the structures below or to their meaning. */
-#define SHMKV_FORMAT_VERSION 2
+#define SHMKV_FORMAT_VERSION 3
 
 /* "shmkv" + format family; compared byte for byte, so endianness does not matter. */
 #define SHMKV_MAGIC "SHMKVTB1"
@@ -108,6 +108,7 @@ struct shmkv {
     int writing;               /* this handle's lock holder bumped seq (lock held) */
     uint64_t pending_hits;     /* optimistic reads not yet added to the header's counters */
     uint64_t pending_misses;
+    unsigned fork_generation;  /* shmkv__fork_generation when the pending counts began */
     int debug_sound;           /* SHMKV_DEBUG: the table passed its check when locked */
 };
 

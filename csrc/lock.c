@@ -132,8 +132,12 @@ static void locked_recover(shmkv_t *t)
 
     locked_rebuild(t);
     t->hdr->recoveries++;
-    if (locked_check(t, &invariant) == SHMKV_ECHECK)
+    if (locked_check(t, &invariant) == SHMKV_ECHECK) {
         __atomic_store_n(&t->hdr->broken, (uint64_t)1, __ATOMIC_RELEASE);
+        /* seq odd for good: lock-free readers give up on it and meet the lock, which tells
+         * them the table is broken; no writer gets far enough to even it again. */
+        locked_seq_bump(t);
+    }
 }
 
 /* Takes the table's lock. 0: held (after repairing the table if its last owner died).

@@ -98,9 +98,10 @@
  * over. Every writer makes seq odd after taking the lock and even before releasing it
  * (locked_seq_bump), so readers neither block each other nor writers, and never return a
  * torn value. After OPTIMISTIC_TRIES failed tries a reader takes the lock like a writer: a
- * writer that died left seq odd, and the lock's recovery evens it. Readers count hits and
- * misses in their handle and add them to the header now and then (PENDING_FLUSH), so that
- * they write no shared line. Other reads (get_many, iteration, ttl, stats) take the lock
+ * writer that died left seq odd, and the lock's recovery evens it; a table found broken
+ * keeps seq odd for good, so that its readers meet the lock and its error. Readers count hits
+ * and misses in their handle and add them to the header now and then (PENDING_FLUSH), so
+ * that they write no shared line; a forked child forgets the counts its parent had pending. Other reads (get_many, iteration, ttl, stats) take the lock
  * but leave seq alone (LOCK_READ_ONLY). Lock waits time out (SHMKV_ELOCKTIMEOUT) instead of hanging
  * behind a stopped process; shmkv_lock_owner() tells who holds it. glibc trusts the mutex's
  * type word, so it is compared with a freshly made mutex's before every lock.
@@ -347,6 +348,30 @@ int shmkv_init(void *base, uint64_t size, uint64_t capacity, uint64_t key_size,
     return SHMKV_OK;
 }
 
+/* Bumped in every child a fork makes (pthread_atfork, set up by the first shmkv_open), so
+ * that a child does not count again the reads its parent had pending when it forked. */
+static unsigned fork_generation;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void after_fork_in_child(void)
+{
+    fork_generation++;
+}
+
+static void register_atfork(void)
+{
+    pthread_atfork(NULL, NULL, after_fork_in_child);
+}
+
+/* Pending counts a handle inherited through fork are its parent's, counted there. */
+static void forget_if_forked(shmkv_t *t)
+{
+    if (__builtin_expect(t->fork_generation != fork_generation, 0)) {
+        t->pending_hits = t->pending_misses = 0;
+        t->fork_generation = fork_generation;
+    }
+}
+
 /* Says in `why` what makes the segment unusable; returns SHMKV_EINCOMPATIBLE. */
 static int incompatible(char *why, uint32_t whycap, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -437,6 +462,8 @@ int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t why
     t->lock_timeout_ns = SHMKV_DEFAULT_LOCK_TIMEOUT_NS;
     t->lock_kind = shmkv__lock_kind();
     t->evict = (h->flags & SHMKV_EVICT) != 0;
+    pthread_once(&atfork_once, register_atfork);
+    t->fork_generation = fork_generation;
     *out = t;
     return SHMKV_OK;
 }
@@ -447,6 +474,7 @@ int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t why
 
 static void flush_pending(shmkv_t *t)
 {
+    forget_if_forked(t);
     uint64_t hits = __atomic_exchange_n(&t->pending_hits, 0, __ATOMIC_RELAXED);
     uint64_t misses = __atomic_exchange_n(&t->pending_misses, 0, __ATOMIC_RELAXED);
 
@@ -617,11 +645,16 @@ static void locked_note_deadline(shmkv_t *t, uint64_t d)
 }
 
 /* CLOCK's bit. Only evicting tables keep it, and it is written only when it changes, so a
- * key read over and over does not dirty its cache line each time. */
+ * key read over and over does not dirty its cache line each time. A compare-and-swap, since
+ * a lock-free reader may get here after a writer reused the entry and pinned it: a pin must
+ * never be overwritten. */
 static inline void mark_used(const shmkv_t *t, struct shmkv_entry *e)
 {
+    uint32_t cold = REF_COLD;
+
     if (t->evict && __atomic_load_n(&e->referenced, __ATOMIC_RELAXED) == REF_COLD)
-        __atomic_store_n(&e->referenced, REF_USED, __ATOMIC_RELAXED);
+        __atomic_compare_exchange_n(&e->referenced, &cold, REF_USED, 0, __ATOMIC_RELAXED,
+                                    __ATOMIC_RELAXED);
 }
 
 static void fill_entry(const shmkv_t *t, struct shmkv_entry *e, const char *key, uint32_t klen,
@@ -1095,6 +1128,7 @@ static void count_read(shmkv_t *t, int rc, struct shmkv_entry *e)
 {
     uint64_t *pending;
 
+    forget_if_forked(t);
     if (rc >= 0) {
         pending = &t->pending_hits;
         mark_used(t, e);
@@ -1141,9 +1175,8 @@ int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t ou
     if (klen > t->key_size)
         return SHMKV_EKEYSIZE;
     op_start(&op, hash_key(t, key, klen));
-    /* A broken table answers through the lock, which says so. */
-    for (tries = 0; tries < OPTIMISTIC_TRIES && !__atomic_load_n(&t->hdr->broken,
-                                                                 __ATOMIC_RELAXED); tries++) {
+    /* A broken table keeps seq odd (lock.c), so its reads end up at the lock, which says so. */
+    for (tries = 0; tries < OPTIMISTIC_TRIES; tries++) {
         if (optimistic_get(t, &op, key, klen, out, outcap, &rc)) {
             if (out != NULL)
                 count_read(t, rc, op.e);
@@ -1411,7 +1444,7 @@ int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
     for (i = 0; i < n; i++) {
         uint64_t s = slot_load(t, (uint64_t)vlens[i] & t->mask);
 
-        if (s != 0 && SLOT_ENTRY(s) <= t->nentries)
+        if (s != 0 && SLOT_ENTRY(s) - 1u < t->nentries)
             __builtin_prefetch(entry_at(t, SLOT_ENTRY(s) - 1));
     }
     op_start(&op, 0);

@@ -66,7 +66,7 @@ def test_one_table(filled, capsys) -> None:
     assert main([filled.name, "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["len"] == 14 and d["lock"] == "free" and sum(d["probe_lengths"]) == 14
-    assert d["inserts"] == 14 and d["version"] == 2
+    assert d["inserts"] == 14 and d["version"] == 3
 
 
 def test_keys(filled, capsys) -> None:

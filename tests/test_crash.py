@@ -287,7 +287,8 @@ def hammer(name: str, seed: int, slot: int, stop, progress, churn: bool) -> None
     t = shmkv.attach(name)
     rng = random.Random(seed)
     n = 0
-    while not stop.value:
+    deadline = time.monotonic() + JOIN_TIMEOUT  # never outlive a test that died
+    while not stop.value and time.monotonic() < deadline:
         key = b"k%03d" % rng.randrange(KEYS)
         action = rng.random()
         n += 1

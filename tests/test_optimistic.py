@@ -6,8 +6,10 @@ others rewrite those values with new lengths and contents, for a bounded number 
 
 from __future__ import annotations
 
+import os
 import random
 import struct
+import time
 import zlib
 
 import pytest
@@ -36,7 +38,8 @@ def write(name: str, seed: int, stop) -> None:
     t = shmkv.attach(name)
     rng = random.Random(seed)
     n = 0
-    while not stop.value:
+    deadline = time.monotonic() + JOIN_TIMEOUT  # never outlive a test that died
+    while not stop.value and time.monotonic() < deadline:
         n += 1
         key = b"k%02d" % rng.randrange(KEYS)
         if n % 7 == 0:
@@ -127,4 +130,34 @@ def test_gets_do_not_wait_for_the_lock(mp_context, make_name) -> None:
         assert join_all([holder]) == [0]
         stats = t.stats()
         assert (stats["hits"], stats["misses"]) == (3000, 3000)
+        t.unlink()
+
+
+def count_and_exit(name: str, gets: int) -> None:
+    t = shmkv.attach(name)
+    for _ in range(gets):
+        t.get(b"k")
+    t.close()
+    os._exit(0)
+
+
+def test_a_forked_child_does_not_count_its_parents_reads_again(make_name) -> None:
+    """Hits are counted in the handle and added to the header in batches; a child forked
+    with some pending counts its own reads only."""
+    import multiprocessing
+
+    name = make_name()
+    with shmkv.create(name, capacity=8, key_size=8, value_size=16) as t:
+        t[b"k"] = b"v"
+        for _ in range(100):
+            t.get(b"k")  # pending in this handle, inherited by the child
+        child = multiprocessing.get_context("fork").Process(target=lambda: (t.close(),
+                                                                            os._exit(0)))
+        child.start()
+        assert join_all([child]) == [0]
+        worker = multiprocessing.get_context("fork").Process(target=count_and_exit,
+                                                             args=(name, 50))
+        worker.start()
+        assert join_all([worker]) == [0]
+        assert t.stats()["hits"] == 150
         t.unlink()

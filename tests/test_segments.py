@@ -310,7 +310,7 @@ def test_header_offsets_match_this_build(filled: tuple[shmkv.Table, dict[bytes, 
     stats = t.stats()
     g = img.g
     assert img.field("magic") == MAGIC
-    assert img.field("version") == stats["version"] == 2
+    assert img.field("version") == stats["version"] == 3
     assert img.field("ready") == 1
     for field in ("header_size", "total_size", "capacity", "nentries", "nslots", "key_size",
                   "value_size", "entry_size", "index_offset", "entries_offset"):
@@ -389,7 +389,7 @@ def test_attach_rejects_truncated_table(
 
 BAD_HEADERS = [
     # (id, field, change of its value, what the message must say)
-    ("version+1", "version", lambda v: v + 1, "format version 3, this build reads version 2"),
+    ("version+1", "version", lambda v: v + 1, "format version 4, this build reads version 3"),
     ("version-0", "version", lambda v: 0, "format version 0"),
     ("version-flipped", "version", lambda v: v ^ 0xFFFFFFFF, "format version"),
     ("header-size", "header_size", lambda v: v + 64, "another build"),
