@@ -108,7 +108,7 @@ struct shmkv {
     int writing;               /* this handle's lock holder bumped seq (lock held) */
     uint64_t pending_hits;     /* optimistic reads not yet added to the header's counters */
     uint64_t pending_misses;
-    unsigned fork_generation;  /* shmkv__fork_generation when the pending counts began */
+    unsigned fork_generation;  /* table.c's fork_generation when the pending counts began */
     int debug_sound;           /* SHMKV_DEBUG: the table passed its check when locked */
 };
 
