@@ -357,6 +357,13 @@ def test_on_full_is_checked_and_seen_by_attachers(make_name, evicting) -> None:
 # ---------------------------------------------------------------------- the real clock
 
 
+def sleep_past(deadline: float) -> None:
+    """Waits until time.monotonic() has passed a TTL's deadline: the passing of time is what
+    these tests are about. Never used to wait for another process (pipes do that)."""
+    while time.monotonic() < deadline:
+        time.sleep(deadline - time.monotonic() + 0.01)
+
+
 def test_expiry_real_time(table) -> None:
     ttl = 0.5
     before = time.monotonic()
@@ -367,8 +374,7 @@ def test_expiry_real_time(table) -> None:
     seen = time.monotonic()
     if seen < before + ttl:  # not yet expired, whatever the machine's load
         assert left is not None and 0 < left <= ttl
-    while time.monotonic() < after + ttl:
-        time.sleep(after + ttl - time.monotonic() + 0.01)
+    sleep_past(after + ttl)
     assert table.get(b"k") is None and b"k" not in table
     assert list(table) == [b"forever"] and len(table) == 1
     assert table.stats()["expirations"] == 1
@@ -390,8 +396,7 @@ def test_sliding_expiry_real_time(table) -> None:
         if not touched:
             table.set(b"session", b"s", ttl=ttl)  # an overloaded machine slept too long
         last = time.monotonic()
-    while time.monotonic() < last + ttl:
-        time.sleep(last + ttl - time.monotonic() + 0.01)
+    sleep_past(last + ttl)
     assert b"session" not in table
 
 
@@ -434,8 +439,7 @@ def test_expiry_and_eviction_seen_alike_by_another_process(mp_context, make_name
             assert parent.poll(JOIN_TIMEOUT)
             ok, _, forever = parent.recv()
             assert ok and forever == b"x"
-            while time.monotonic() < after + ttl:
-                time.sleep(after + ttl - time.monotonic() + 0.01)
+            sleep_past(after + ttl)  # the child waits on the pipe, not on a clock
             parent.send("expiry")
             assert parent.poll(JOIN_TIMEOUT)
             assert parent.recv() == (True, None, b"x")
