@@ -16,25 +16,30 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import shmkv
 
 
-def measure(op: Callable[[bytes], object], keys: list[bytes], seconds: float) -> float:
-    """Median ops/s over 3 runs, each cycling over keys for at least `seconds`."""
+def measure(op: Callable[[Any], object], args: list[Any], seconds: float, reps: int = 3,
+            per_call: int = 1) -> float:
+    """Median ops/s over reps runs, each cycling over args for at least `seconds` (the clock
+    is read every 1,000 calls, so that slow stores do not run far past it); a call that does
+    per_call operations counts as that many."""
+    chunks = [args[i:i + 1000] for i in range(0, len(args), 1000)]
     rates = []
-    for _ in range(3):
-        done = 0
+    for _ in range(reps):
+        done, elapsed = 0, 0.0
         start = time.perf_counter()
-        while True:
-            for key in keys:
-                op(key)
-            done += len(keys)
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                break
-        rates.append(done / elapsed)
+        while elapsed < seconds:
+            for chunk in chunks:
+                for a in chunk:
+                    op(a)
+                done += len(chunk)
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds:
+                    break
+        rates.append(done * per_call / elapsed)
     return statistics.median(rates)
 
 

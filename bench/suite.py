@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from bench_basic import measure
+
 import shmkv
 
 KEY_SIZE = 16
@@ -241,10 +243,14 @@ class UltraDictStore(Store):
         self.set = self.d.__setitem__  # type: ignore[method-assign]
 
 
+KINDS: dict[str, type[Store]] = {"shmkv": ShmkvStore, "manager": ManagerStore,
+                                 "lmdb": LmdbStore, "redis": RedisStore,
+                                 "ultradict": UltraDictStore}
+
+
 def open_store(spec: tuple[str, Any]) -> Store:
     kind, arg = spec
-    return {"shmkv": ShmkvStore, "manager": ManagerStore, "lmdb": LmdbStore,
-            "redis": RedisStore, "ultradict": UltraDictStore}[kind](arg)
+    return KINDS[kind](arg)  # type: ignore[call-arg]
 
 
 # ---------------------------------------------------------------------- servers and setup
@@ -314,29 +320,6 @@ def load(store: Store, keys: list[bytes], value: bytes) -> None:
 
 
 # ---------------------------------------------------------------------- measuring
-
-
-def rate(op: Callable[[Any], object], args: list[Any], seconds: float, reps: int,
-         per_call: int = 1) -> float:
-    """Median ops/s over reps runs, each cycling over args for at least `seconds` (the clock
-    is read every 1,000 calls, so slow stores do not run far past it)."""
-    chunks = [args[i:i + 1000] for i in range(0, len(args), 1000)]
-    rates = []
-    for _ in range(reps):
-        done = 0
-        start = time.perf_counter()
-        while True:
-            for chunk in chunks:
-                for a in chunk:
-                    op(a)
-                done += len(chunk)
-                elapsed = time.perf_counter() - start
-                if elapsed >= seconds:
-                    break
-            if elapsed >= seconds:
-                break
-        rates.append(done * per_call / elapsed)
-    return statistics.median(rates)
 
 
 def mixed_ops(keys: list[bytes], n: int, seed: int) -> list[tuple[bool, bytes]]:
@@ -427,14 +410,14 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[str, list[float]] = {label: [] for label in ops}
         for _ in range(reps):
             for label, (op, args_) in ops.items():
-                samples[label].append(rate(op, args_, seconds, 1, per_call))
+                samples[label].append(measure(op, args_, seconds, 1, per_call))
         for label, xs in samples.items():
             results[(workload, label)] = statistics.median(xs)
 
     with ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="shmkv-bench-",
                                                                   dir="/dev/shm"))
-        specs: list[tuple[str, tuple[str, Any]]] = []  # (label, spec) of the shared stores
+        specs: list[tuple[str, Any]] = []  # (kind, argument) of each shared store
         stores: dict[str, Store] = {"dict": DictStore()}  # the in-process ones too
         try:  # built outside /dev/shm, which may be mounted noexec
             builddir = stack.enter_context(tempfile.TemporaryDirectory(prefix="shmkv-floor-"))
@@ -446,22 +429,22 @@ def main(argv: list[str] | None = None) -> int:
         table = shmkv.create(name, capacity=n, key_size=KEY_SIZE, value_size=LARGE)
         stack.callback(table.close)
         stack.callback(table.unlink)
-        specs.append(("shmkv", ("shmkv", name)))
+        specs.append(("shmkv", name))
         memory = table.stats()
 
         manager = stack.enter_context(multiprocessing.get_context("fork").Manager())
-        specs.append(("Manager().dict()", ("manager", manager.dict())))
+        specs.append(("manager", manager.dict()))
 
         try:
             import lmdb  # noqa: F401
         except ImportError:
             print("skipped lmdb: the lmdb package is not installed (pip install lmdb)")
         else:
-            specs.append(("lmdb", ("lmdb", os.path.join(workdir, "lmdb"))))
+            specs.append(("lmdb", os.path.join(workdir, "lmdb")))
 
         sock = stack.enter_context(redis_server(workdir))
         if sock is not None:
-            specs.append(("Redis (unix socket)", ("redis", sock)))
+            specs.append(("redis", sock))
 
         try:
             from UltraDict import UltraDict
@@ -471,11 +454,11 @@ def main(argv: list[str] | None = None) -> int:
             ultra = UltraDict(name=f"ud{os.getpid()}", buffer_size=n * (LARGE + 64) * 2,
                               shared_lock=True)
             stack.callback(ultra.unlink)
-            specs.append(("UltraDict", ("ultradict", ultra.name)))
+            specs.append(("ultradict", ultra.name))
 
         # One process: W3, then W1, W2 and W5, every store in each repetition.
-        for label, spec in specs:
-            stores[label] = open_store(spec)
+        for spec in specs:
+            stores[KINDS[spec[0]].name] = open_store(spec)
         print("measuring W1, W2, W3, W5 ...", file=sys.stderr)
         for store in stores.values():
             load(store, keys, large)
@@ -491,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             store.close()  # lmdb must not be open in a process that forks its workers
 
         # Several processes: W4, one store at a time.
-        for label, spec in specs:
+        for spec in specs:
+            label = KINDS[spec[0]].name
             print(f"measuring W4 on {label} ...", file=sys.stderr)
             w4_rates[label] = {p: w4(spec, p, keys, small, seconds, reps) for p in counts}
             for p, value in w4_rates[label].items():
