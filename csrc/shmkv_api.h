@@ -88,7 +88,6 @@ struct shmkv_stats {
     uint64_t recoveries;      /* times a dead lock owner was found and the table repaired */
     uint64_t lock_timeouts;
     uint64_t broken;          /* 1 if a recovery could not make the table sound */
-    uint64_t flags;           /* the table flags it was created with */
 };
 
 int shmkv_abi(void);

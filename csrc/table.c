@@ -1059,13 +1059,27 @@ void locked_rebuild(shmkv_t *t)
     locked_seq_bump(t);
 }
 
+/* Takes the lock (as a writer if write) and looks up op's key, already hashed: 0 or
+ * SHMKV_ENOTFOUND with the lock held, any other code without it. */
+static int lock_and_lookup(shmkv_t *t, struct op *op, const char *key, uint32_t klen,
+                           int write)
+{
+    int rc = shmkv__lock(t, write ? 0 : LOCK_READ_ONLY);
+
+    if (rc != SHMKV_OK)
+        return rc;
+    rc = locked_lookup(t, op, key, klen, write);
+    if (rc != SHMKV_OK && rc != SHMKV_ENOTFOUND)
+        shmkv__unlock(t);
+    return rc;
+}
+
 /* Returns 0 (key found) or SHMKV_ENOTFOUND with the lock held; any other code without it.
  * vlen is the length of the value the operation may store (0 if none); write says whether
  * the operation may change the table (see locked_lookup). */
 static int begin_op(shmkv_t *t, const char *key, uint32_t klen, uint32_t vlen, int write,
                     struct op *op)
 {
-    int rc;
 
     if (t == NULL)
         return SHMKV_ECLOSED;
@@ -1074,13 +1088,7 @@ static int begin_op(shmkv_t *t, const char *key, uint32_t klen, uint32_t vlen, i
     if (vlen > t->value_size)
         return SHMKV_EVALUESIZE;
     op_start(op, hash_key(t, key, klen));
-    rc = shmkv__lock(t, write ? 0 : LOCK_READ_ONLY);
-    if (rc != SHMKV_OK)
-        return rc;
-    rc = locked_lookup(t, op, key, klen, write);
-    if (rc != SHMKV_OK && rc != SHMKV_ENOTFOUND)
-        shmkv__unlock(t);
-    return rc;
+    return lock_and_lookup(t, op, key, klen, write);
 }
 
 static int end_op(shmkv_t *t, int rc)
@@ -1184,7 +1192,10 @@ int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t ou
         }
         op.now = 0;
     }
-    BEGIN_OP(t, key, klen, 0, FOR_READ, &op);
+    /* Arguments checked and key hashed already: only the lock is left to take. */
+    rc = lock_and_lookup(t, &op, key, klen, FOR_READ);
+    if (rc != SHMKV_OK && rc != SHMKV_ENOTFOUND)
+        return rc;
     if (rc == SHMKV_OK)
         rc = copy_value(t, op.e, out, outcap);
     if (out != NULL)
@@ -1404,13 +1415,18 @@ int64_t shmkv_len(shmkv_t *t)
     struct op op;
     int rc;
 
-    rc = lock_table(t, 0);
+    /* Expired entries are not counted: reclaim them first, if next_expiry says any exist.
+     * Only then is len() a writer; otherwise it leaves seq, and so the readers, alone. */
+    op_start(&op, 0);
+    rc = lock_table(t, LOCK_READ_ONLY);
+    if (rc == SHMKV_OK && op_expiry_due(t, &op)) {
+        shmkv__unlock(t);
+        rc = lock_table(t, 0);
+        if (rc == SHMKV_OK && op_expiry_due(t, &op))
+            n = locked_purge(t, op.now);
+    }
     if (rc != SHMKV_OK)
         return rc;
-    /* Expired entries are not counted: reclaim them first, if next_expiry says any exist. */
-    op_start(&op, 0);
-    if (op_expiry_due(t, &op))
-        n = locked_purge(t, op.now);
     if (n >= 0)
         n = t->hdr->count > t->capacity ? SHMKV_ECORRUPT : (int64_t)t->hdr->count;
     end_op(t, SHMKV_OK);
@@ -1646,7 +1662,6 @@ static void read_stats(const shmkv_t *t, struct shmkv_stats *out)
     out->recoveries = READ(recoveries);
     out->lock_timeouts = READ(lock_timeouts);
     out->broken = READ(broken);
-    out->flags = READ(flags);
 #undef READ
 }
 
