@@ -90,9 +90,9 @@
  * LOCKING
  * Every write runs under the robust, process-shared pthread mutex in the header (lock.c).
  * Hashing and argument checks happen before taking it. Functions named locked_* expect the
- * lock held, except that optimistic readers run the lookups (locked_find, locked_lookup for
- * reading, copy_value), which only read, bound every walk and check every length and entry
- * number they read.
+ * lock held, except that optimistic readers run the lookup (locked_lookup for OPTIMISTIC,
+ * copy_value), which only reads, bounds every walk and checks every length and entry number
+ * it reads, and leaves high_water, which writes dirty, unread.
  * A get reads optimistically, without the lock: it reads seq (even), looks the key up,
  * copies the value out, and reads seq again; if seq moved, a writer ran and the read starts
  * over. Every writer makes seq odd after taking the lock and even before releasing it
@@ -529,13 +529,19 @@ static inline uint64_t hash_key(const shmkv_t *t, const char *key, uint32_t klen
 }
 
 /* The entry a used slot names, after checking everything about it that a later read relies
- * on. SHMKV_ECORRUPT if the slot or the entry cannot be right. */
-static int locked_slot_entry(const shmkv_t *t, uint64_t slot, struct shmkv_entry **out)
+ * on. SHMKV_ECORRUPT if the slot or the entry cannot be right. limit is the number of
+ * entries a slot may name: high_water with the lock held, nentries for an optimistic reader,
+ * which must not read high_water: it shares a line with what every write changes, and a
+ * reader that reads it pays a cache miss for each write of another process. An entry the
+ * sequence check vouches for lies below high_water anyway (invariant 3); above, a damaged
+ * slot still only reaches memory of the table. */
+static int slot_entry(const shmkv_t *t, uint64_t slot, uint64_t limit,
+                      struct shmkv_entry **out)
 {
     uint32_t n1 = SLOT_ENTRY(slot);
     struct shmkv_entry *e;
 
-    if (n1 == 0 || n1 > t->nentries || n1 > t->hdr->high_water)
+    if (n1 == 0 || n1 > t->nentries || n1 > limit)
         return SHMKV_ECORRUPT;
     e = entry_at(t, n1 - 1);
     if (e->link != LINK_USED || e->key_len > t->key_size || e->value_len > t->value_size)
@@ -548,8 +554,8 @@ static int locked_slot_entry(const shmkv_t *t, uint64_t slot, struct shmkv_entry
  * slot that ended the probe, where an insert of this key belongs. SHMKV_ECORRUPT: the index
  * or an entry on the way is damaged. The walk is bounded by nslots, whatever the segment says.
  * Expired entries are found like any other: deciding what they mean is the caller's part. */
-int locked_find(const shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
-                uint64_t *slot_out, struct shmkv_entry **entry_out)
+static int find_below(const shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
+                      uint64_t limit, uint64_t *slot_out, struct shmkv_entry **entry_out)
 {
     uint32_t tag = (uint32_t)hash;
     uint64_t i = hash & t->mask;
@@ -566,7 +572,7 @@ int locked_find(const shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
         }
         if (SLOT_TAG(s) != tag)
             continue;
-        rc = locked_slot_entry(t, s, &e);
+        rc = slot_entry(t, s, limit, &e);
         if (rc != SHMKV_OK)
             return rc;
         if (e->key_len == klen && (klen == 0 || memcmp(entry_key(e), key, klen) == 0)) {
@@ -576,6 +582,12 @@ int locked_find(const shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
         }
     }
     return SHMKV_ECORRUPT;
+}
+
+int locked_find(const shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
+                uint64_t *slot_out, struct shmkv_entry **entry_out)
+{
+    return find_below(t, hash, key, klen, t->hdr->high_water, slot_out, entry_out);
 }
 
 static inline uint64_t entry_number(const shmkv_t *t, const struct shmkv_entry *e)
@@ -845,16 +857,19 @@ static int op_expired(struct op *op, const struct shmkv_entry *e)
     return d != 0 && d <= op_now(op);
 }
 
-/* Looks key up as an operation sees it: an expired entry is absent. A writer (write != 0)
+enum { FOR_READ, FOR_WRITE, OPTIMISTIC };  /* locked_lookup()'s and begin_op()'s `write` */
+
+/* Looks key up as an operation sees it: an expired entry is absent. A writer (FOR_WRITE)
  * reclaims the expired entry it meets, so that *slot is where the key would be inserted;
  * a reader leaves it be. Returns 0, SHMKV_ENOTFOUND or SHMKV_ECORRUPT, as locked_find. */
 static int locked_lookup(shmkv_t *t, struct op *op, const char *key, uint32_t klen, int write)
 {
-    int rc = locked_find(t, op->hash, key, klen, &op->slot, &op->e);
+    uint64_t limit = write == OPTIMISTIC ? t->nentries : t->hdr->high_water;
+    int rc = find_below(t, op->hash, key, klen, limit, &op->slot, &op->e);
 
     if (rc != SHMKV_OK || !op_expired(op, op->e))
         return rc;
-    if (!write)
+    if (write != FOR_WRITE)
         return SHMKV_ENOTFOUND;
     rc = locked_remove(t, op->slot, op->e);
     if (rc != SHMKV_OK)
@@ -1064,7 +1079,7 @@ void locked_rebuild(shmkv_t *t)
 static int lock_and_lookup(shmkv_t *t, struct op *op, const char *key, uint32_t klen,
                            int write)
 {
-    int rc = shmkv__lock(t, write ? 0 : LOCK_READ_ONLY);
+    int rc = shmkv__lock(t, write == FOR_WRITE ? 0 : LOCK_READ_ONLY);
 
     if (rc != SHMKV_OK)
         return rc;
@@ -1106,8 +1121,6 @@ static int end_op(shmkv_t *t, int rc)
         if (rc != SHMKV_OK && rc != SHMKV_ENOTFOUND)                                   \
             return rc;                                                                 \
     } while (0)
-
-enum { FOR_READ, FOR_WRITE };  /* locked_lookup()'s and begin_op()'s `write` */
 
 /* Copies e's value into out (if any) and returns its length. The length is read once and
  * checked again, so that even a writer that ignores the lock cannot make it overrun. */
@@ -1163,7 +1176,7 @@ static int optimistic_get(shmkv_t *t, struct op *op, const char *key, uint32_t k
 
     if (seq & 1)
         return 0;
-    found = locked_lookup(t, op, key, klen, FOR_READ);
+    found = locked_lookup(t, op, key, klen, OPTIMISTIC);
     if (found == SHMKV_OK)
         found = copy_value(t, op->e, out, outcap);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
