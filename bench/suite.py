@@ -377,6 +377,25 @@ def w4(spec: tuple[str, Any], procs: int, keys: list[bytes], value: bytes, secon
 # ---------------------------------------------------------------------- the run
 
 
+def shm_shortfall(n: int) -> str | None:
+    """Why /dev/shm cannot hold the shared stores of n keys, or None if it can. Docker gives
+    containers 64 MB by default, which would fail the run half way with an unclear error."""
+    try:
+        import UltraDict  # noqa: F401
+        copies = 5  # shmkv, lmdb's pages (up to twice the data), UltraDict's buffer (twice)
+    except ImportError:
+        copies = 3
+    needed = n * (LARGE + 64) * copies
+    stat = os.statvfs("/dev/shm")
+    free = stat.f_bavail * stat.f_frsize
+    if free >= needed:
+        return None
+    return (f"/dev/shm has {free / 2**20:,.0f} MiB free; the stores of {n:,} keys need about "
+            f"{needed / 2**20:,.0f} MiB. Give it more room (in Docker: docker run "
+            f"--shm-size=1g), or run fewer keys with --keys (the figures then differ from "
+            f"the recorded run's).")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--seconds", type=float, default=0.5, help="per repetition (>= 0.5)")
@@ -392,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.seconds < 0.5 or args.reps < 3:
         parser.error("figures need --seconds >= 0.5 and --reps >= 3 (or --quick)")
     seconds, reps, n = args.seconds, args.reps, args.keys
+    short = shm_shortfall(n)
+    if short:
+        print(f"bench: {short}", file=sys.stderr)
+        return 2
     keys = keys_of(n)
     shuffled = keys[:]
     random.Random(1).shuffle(shuffled)
