@@ -8,9 +8,14 @@ messages::
     t = shmkv.create("sessions", capacity=100_000, key_size=64, value_size=1024)  # master
     t = shmkv.attach("sessions")                                                  # worker
     t[b"user:1"] = b"alice"; t.incr(b"hits"); t.get(b"user:1")
+
+``shmkv.connect("shm://sessions")`` names a table by URL; ``redis://HOST/0?name=sessions``
+gives the same interface on a Redis server, for the day one machine is not enough.
 """
 
+from ._connect import connect
 from ._core import lib as _lib
+from ._redis import RedisTable
 from ._shareddict import SharedDict
 from ._table import Table, attach, create
 from ._version import __version__
@@ -47,6 +52,7 @@ __all__ = [
     "LockError",
     "LockTimeout",
     "NotACounter",
+    "RedisTable",
     "SharedDict",
     "Table",
     "TableBroken",
@@ -55,5 +61,6 @@ __all__ = [
     "ValueTooLarge",
     "__version__",
     "attach",
+    "connect",
     "create",
 ]

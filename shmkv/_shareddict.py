@@ -17,6 +17,7 @@ import pickle
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from typing import Any, Protocol
 
+from ._redis import RedisTable
 from ._table import _MISSING, TTL, Table, _keep_flags, _ttl_ns
 
 
@@ -119,10 +120,10 @@ def _text(key: bytes) -> str:
 
 
 class SharedDict(MutableMapping[str, Any]):
-    """A dict of str keys and encoded values over a :class:`Table`."""
+    """A dict of str keys and encoded values over a :class:`Table` (or a RedisTable)."""
 
-    def __init__(self, table: Table, codec: str | Codec = "pickle") -> None:
-        if not isinstance(table, Table):
+    def __init__(self, table: Table | RedisTable, codec: str | Codec = "pickle") -> None:
+        if not isinstance(table, (Table, RedisTable)):
             raise TypeError(f"SharedDict needs a shmkv.Table, not {type(table).__name__}")
         self.table = table
         self.codec = _codec(codec)

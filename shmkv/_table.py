@@ -253,9 +253,13 @@ class Table(MutableMapping[bytes, bytes]):
         self._out = None
         return out if out is not None else self._new_buffers()
 
-    def _new_buffers(self) -> Any:
+    def _ensure_open(self) -> None:
+        # For the calls that may not reach C, which would say so itself.
         if self.closed:
             raise TableClosed(f"table {self._name!r} is closed")
+
+    def _new_buffers(self) -> Any:
+        self._ensure_open()
         data = ffi.new("char[]", self.value_size)
         return (data, ffi.buffer(data))
 
@@ -564,6 +568,7 @@ class Table(MutableMapping[bytes, bytes]):
             blist = [_as_bytes(key, "key") for key in blist]
         n = len(blist)
         if n == 0:
+            self._ensure_open()
             return {}
         joined = b"".join(blist)
         klens = ffi.new("uint32_t[]", list(map(len, blist)))
@@ -604,8 +609,7 @@ class Table(MutableMapping[bytes, bytes]):
         for key, value in pairs:
             batch[_as_bytes(key, "key")] = _as_bytes(value, "value")
         if not batch:
-            if self.closed:
-                raise TableClosed(f"table {self._name!r} is closed")
+            self._ensure_open()
             return
         keys = list(batch)
         values = list(batch.values())

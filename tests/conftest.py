@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import selectors
+import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Callable
@@ -32,6 +36,13 @@ def remove(name: str) -> None:
         _segment.unlink_segment(name, tracked=False)
     except FileNotFoundError:
         pass
+
+
+def sleep_past(deadline: float) -> None:
+    """Waits until time.monotonic() has passed a TTL's deadline: the passing of time is what
+    the expiry tests are about. Never used to wait for another process (pipes do that)."""
+    while time.monotonic() < deadline:
+        time.sleep(deadline - time.monotonic() + 0.01)
 
 
 @pytest.fixture
@@ -120,3 +131,71 @@ def join_all(processes: list, timeout: float = JOIN_TIMEOUT) -> list[int | None]
         else:
             codes.append(p.exitcode)
     return codes
+
+
+# ---------------------------------------------------------------------- a real redis-server
+
+REDIS_SKIP = ("no redis-server on PATH: the Redis backend's tests need one "
+              "(apt-get install redis-server; .ci/run installs it)")
+
+
+def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server on a unix socket in directory, persistence off, and its
+    socket path; returns once the server says it accepts connections (read from its log
+    through a pipe, within JOIN_TIMEOUT)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip(REDIS_SKIP)
+    sock = os.path.join(directory, "redis.sock")
+    proc = subprocess.Popen(
+        [exe, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "",
+         "--appendonly", "no", "--dir", directory, "--logfile", ""],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    log = b""
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while b"ready to accept connections" not in log.lower():  # 7.0 and 7.2+ differ
+            left = deadline - time.monotonic()
+            chunk = os.read(proc.stdout.fileno(), 4096) if selector.select(left) else b""
+            if not chunk or left <= 0:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"redis-server did not start:\n{log.decode(errors='replace')}")
+            log += chunk
+    # Its later log lines go nowhere: nobody reads the pipe, and a full pipe would stop it.
+    proc.stdout.close()
+    return proc, sock
+
+
+@pytest.fixture(scope="session")
+def redis_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The unix socket of a redis-server that this test run started, and stops."""
+    proc, sock = start_redis(str(tmp_path_factory.mktemp("redis")))
+    yield sock
+    proc.terminate()
+    proc.wait(JOIN_TIMEOUT)
+
+
+@pytest.fixture(params=["shm", "redis"])
+def store_url(request: pytest.FixtureRequest, make_name: Callable[[], str]) -> Iterator[str]:
+    """A URL for shmkv.connect() naming a fresh table, in shared memory or on Redis: the
+    table contract holds for both. Limits: 64 entries (shm), keys of 32 bytes, values of 64."""
+    name = make_name()
+    if request.param == "shm":
+        yield f"shm://{name}?capacity=64&key_size=32&value_size=64"
+        return
+    sock = request.getfixturevalue("redis_socket")
+    url = f"unix://{sock}?name={name}&key_size=32&value_size=64"
+    yield url
+    with shmkv.connect(url) as t:
+        t.clear()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[shmkv.Table | shmkv.RedisTable]:
+    """A fresh table of either backend (see store_url)."""
+    t = shmkv.connect(store_url)
+    yield t
+    t.close()

@@ -16,7 +16,7 @@ from datetime import timedelta
 from fractions import Fraction
 
 import pytest
-from conftest import JOIN_TIMEOUT, join_all
+from conftest import JOIN_TIMEOUT, join_all, sleep_past
 
 import shmkv
 from shmkv import _segment
@@ -355,13 +355,6 @@ def test_on_full_is_checked_and_seen_by_attachers(make_name, evicting) -> None:
 
 
 # ---------------------------------------------------------------------- the real clock
-
-
-def sleep_past(deadline: float) -> None:
-    """Waits until time.monotonic() has passed a TTL's deadline: the passing of time is what
-    these tests are about. Never used to wait for another process (pipes do that)."""
-    while time.monotonic() < deadline:
-        time.sleep(deadline - time.monotonic() + 0.01)
 
 
 def test_expiry_real_time(table) -> None:

@@ -1,0 +1,2 @@
+"""Glue between shmkv and the servers people run: Flask sessions (``shmkv.contrib.flask``)
+and a gunicorn config whose master creates the table (``shmkv.contrib.gunicorn_conf``)."""
