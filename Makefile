@@ -38,7 +38,7 @@ cwarn:
 	gcc -fsyntax-only -D_GNU_SOURCE -Wall -Wextra -Werror -Icsrc $(CFILES)
 
 lint: build cwarn
-	$(BIN)/ruff check shmkv tests bench csrc/shmkv_build.py
+	$(BIN)/ruff check shmkv tests bench examples csrc/shmkv_build.py
 	$(BIN)/mypy shmkv
 
 # The sanitized extension is built in a copy of the tracked tree, so the working tree's own

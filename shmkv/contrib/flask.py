@@ -1,0 +1,205 @@
+"""Flask sessions kept in a shmkv table, shared by every worker of the server.
+
+::
+
+    from shmkv.contrib.flask import ShmkvSessionInterface
+    app.session_interface = ShmkvSessionInterface("shm://sessions", ttl=1800)
+
+    @app.post("/login")
+    def login():
+        ...                        # check the password
+        session.regenerate()       # a new id at login: a planted id is worth nothing
+        session["user_id"] = user.id
+
+    @app.post("/logout")
+    def logout():
+        session.clear()            # deletes the entry: every worker refuses the id at once
+
+The browser holds only a random id (256 bits from ``secrets``) in an HttpOnly, SameSite
+cookie; the session's data lives in the table under ``session:<id>``, as Flask's tagged JSON
+(dicts, lists, str, numbers, bytes, datetimes, tuples, UUIDs, Markup), and expires ``ttl``
+seconds after its last request (sliding expiry). A request that leaves an empty session new
+stores nothing and sets no cookie, so anonymous requests cannot fill the table.
+
+The store is a table, or a URL for :func:`shmkv.connect` that each process connects to on
+its first request: that works under gunicorn whether or not the app is imported before the
+workers fork (``preload_app``), and with ``redis://...?name=...`` on many machines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from datetime import datetime, timedelta, timezone
+from typing import Any, Union
+
+from flask import Flask, Request, Response
+from flask.json.tag import TaggedJSONSerializer
+from flask.sessions import SessionInterface, SessionMixin
+from werkzeug.datastructures import CallbackDict
+
+from .._connect import AnyTable, connect
+
+#: The ids this interface makes: 43 characters of urlsafe base64, 256 random bits.
+_ID_BYTES = 32
+_ID_LENGTH = 43
+_ID = re.compile(f"[A-Za-z0-9_-]{{{_ID_LENGTH}}}")
+
+
+class ShmkvSession(CallbackDict, SessionMixin):  # type: ignore[type-arg]
+    """A Flask session whose data lives in a shmkv table under a random id."""
+
+    def __init__(self, initial: Any = None, sid: str | None = None, stored: bytes | None = None):
+        def on_update(session: Any) -> None:
+            session.modified = True
+            session.accessed = True
+
+        super().__init__(initial, on_update)
+        self.sid = sid
+        #: The bytes this request read from the table (None for a new session): a save
+        #: replaces exactly them, so that it never brings back a session a logout ended.
+        self.stored = stored
+        self.new = sid is None
+        self.modified = False
+        self.regenerate_id = False
+
+    def regenerate(self) -> None:
+        """Moves the session to a new random id when the response is saved, and deletes the
+        old one. Call it at login (and at any change of privilege): an id that an attacker
+        planted in the browser beforehand (session fixation) then leads nowhere."""
+        self.regenerate_id = True
+        self.modified = True
+
+
+Store = Union[str, AnyTable]
+
+
+class ShmkvSessionInterface(SessionInterface):
+    """Server-side sessions in a shmkv table (or a RedisTable).
+
+    ``store``: a table, or a URL for :func:`shmkv.connect` (connected once per process, on
+    first use). ``ttl``: seconds (or a timedelta) a session lives after its last request;
+    None takes the app's ``PERMANENT_SESSION_LIFETIME``. ``key_prefix``: prepended to the id
+    in the table, so that sessions can share a table with other data.
+
+    The cookie takes its name, domain, path and Secure flag from the app's ``SESSION_COOKIE_*``
+    settings; it is always HttpOnly, and SameSite is the app's setting or else ``Lax``.
+    A permanent session (``session.permanent = True``) gets a cookie that expires with the
+    session; otherwise the cookie lasts as long as the browser keeps it and the data ``ttl``
+    seconds from the last request. Two requests of one session that both change it: the
+    later save wins, as in every server-side session store; a logout wins over both.
+    """
+
+    session_class = ShmkvSession
+    serializer = TaggedJSONSerializer()
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        ttl: float | timedelta | None = None,
+        key_prefix: str = "session:",
+    ) -> None:
+        self._store = store
+        self._pid = -1
+        self._table: Any = None
+        self.ttl = ttl
+        self.key_prefix = key_prefix.encode()
+
+    @property
+    def table(self) -> AnyTable:
+        """The table of this process: a URL is connected to on first use in each process."""
+        if self._pid != os.getpid():  # first use here, or a process forked since
+            table = connect(self._store) if isinstance(self._store, str) else self._store
+            needed = len(self._key("x" * _ID_LENGTH))
+            if table.key_size is not None and table.key_size < needed:
+                raise ValueError(f"session keys take {needed} bytes, more than the key_size="
+                                 f"{table.key_size} of table {table.name!r}")
+            self._table, self._pid = table, os.getpid()
+        return self._table  # type: ignore[no-any-return]
+
+    def _key(self, sid: str) -> bytes:
+        return self.key_prefix + sid.encode()
+
+    def _ttl(self, app: Flask) -> timedelta:
+        if self.ttl is None:
+            return app.permanent_session_lifetime
+        return self.ttl if isinstance(self.ttl, timedelta) else timedelta(seconds=self.ttl)
+
+    def get_expiration_time(self, app: Flask, session: SessionMixin) -> datetime | None:
+        """A permanent session's cookie expires with its data, ttl after this request."""
+        if session.permanent:
+            return datetime.now(timezone.utc) + self._ttl(app)
+        return None
+
+    def open_session(self, app: Flask, request: Request) -> ShmkvSession:
+        sid = request.cookies.get(self.get_cookie_name(app))
+        # Anything but an id of ours is never looked up: a cookie is attacker-supplied.
+        if sid and _ID.fullmatch(sid):
+            stored = self.table.get(self._key(sid))
+            if stored is not None:
+                try:
+                    data = self.serializer.loads(stored.decode())
+                except ValueError:  # not ours (or damaged): start afresh
+                    data = None
+                if isinstance(data, dict):
+                    return self.session_class(data, sid=sid, stored=stored)
+        return self.session_class()
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        assert isinstance(session, ShmkvSession)
+        table, ttl = self.table, self._ttl(app)
+        cookie = self._cookie_options(app)
+        if session.accessed:
+            response.vary.add("Cookie")
+
+        if not session:  # emptied (a logout), or never filled
+            if session.sid is not None:
+                table.pop(self._key(session.sid), None)
+            if session.modified:
+                response.delete_cookie(self.get_cookie_name(app), **cookie)
+                response.vary.add("Cookie")
+            return
+
+        sid = session.sid
+        if session.new or session.regenerate_id:
+            sid = secrets.token_urlsafe(_ID_BYTES)
+            table.add(self._key(sid), self.serializer.dumps(dict(session)).encode(), ttl)
+            if session.sid is not None:
+                table.pop(self._key(session.sid), None)
+        elif session.modified:
+            if not self._replace(table, session, ttl):
+                response.delete_cookie(self.get_cookie_name(app), **cookie)
+                return
+        elif not table.touch(self._key(session.sid), ttl):  # type: ignore[arg-type]
+            return  # ended meanwhile (a logout): nothing to refresh
+        if session.new or session.regenerate_id or self.should_set_cookie(app, session):
+            response.set_cookie(self.get_cookie_name(app), sid,  # type: ignore[arg-type]
+                                expires=self.get_expiration_time(app, session), **cookie)
+            response.vary.add("Cookie")
+
+    def _replace(self, table: AnyTable, session: ShmkvSession, ttl: Any) -> bool:
+        """Stores the session's new data over what is stored, unless the session is gone;
+        False if it is. A plain set would bring back a session that a logout in another
+        worker ended while this request ran."""
+        key = self._key(session.sid)  # type: ignore[arg-type]
+        new = self.serializer.dumps(dict(session)).encode()
+        current = session.stored
+        while current is not None:
+            if table.compare_and_swap(key, current, new, ttl):
+                return True
+            current = table.get(key)  # another request of this session saved: later wins
+        return False
+
+    def _cookie_options(self, app: Flask) -> dict[str, Any]:
+        options = {
+            "domain": self.get_cookie_domain(app),
+            "path": self.get_cookie_path(app),
+            "secure": self.get_cookie_secure(app),
+            "samesite": self.get_cookie_samesite(app) or "Lax",
+            "httponly": True,
+        }
+        if hasattr(self, "get_cookie_partitioned"):  # Flask 3.1
+            options["partitioned"] = self.get_cookie_partitioned(app)
+        return options
