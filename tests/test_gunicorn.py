@@ -35,7 +35,7 @@ ADA = urlencode({"login": "ada", "password": "correct horse battery staple"})
 class Server:
     """gunicorn running the example app on a loopback socket."""
 
-    def __init__(self, url: str, log: Path) -> None:
+    def __init__(self, url: str, log: Path, *options: str) -> None:
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(128)
@@ -46,7 +46,7 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", "python:shmkv.contrib.gunicorn_conf",
                  "--workers", str(WORKERS), "--bind", f"fd://{fd}", "--graceful-timeout", "5",
-                 "--pythonpath", str(EXAMPLES), "sessions_app:app"],
+                 "--pythonpath", str(EXAMPLES), *options, "sessions_app:app"],
                 env={**os.environ, "SHMKV_URL": url}, pass_fds=[fd], stdout=out, stderr=out)
 
     def request(self, method: str, path: str, sid: str | None = None,
@@ -75,6 +75,13 @@ class Server:
         with ThreadPoolExecutor(6) as pool:
             return [(status, pid) for status, pid, _ in
                     pool.map(lambda _: self.request("GET", "/admin", sid), range(n))]
+
+    def admin_by_others(self, sid: str, known: set[int]) -> set[int]:
+        """The pids of workers not in known that served /admin, always authorised, to a
+        dozen requests."""
+        answers = self.admin_many(sid, 12)
+        assert [status for status, _ in answers] == [200] * len(answers)
+        return {pid for _, pid in answers} - known
 
     def workers(self) -> set[int]:
         """The pids of the master's live children, read from /proc."""
@@ -168,12 +175,8 @@ def test_sessions_are_shared_by_every_worker(server) -> None:
     victim = next(iter(served_by))
     os.kill(victim, signal.SIGKILL)
 
-    def a_new_worker_answers():
-        answers = server.admin_many(sid, 12)
-        assert [status for status, _ in answers] == [200] * len(answers)
-        return {pid for _, pid in answers} - workers
-
-    newcomers = until(a_new_worker_answers, "the replacement of a killed worker", deadline)
+    newcomers = until(lambda: server.admin_by_others(sid, workers),
+                      "the replacement of a killed worker", deadline)
     assert victim not in newcomers
 
     # Logout in one worker: every worker, the new one included, refuses the old id at once.
@@ -205,3 +208,21 @@ def test_the_master_creates_the_table_and_removes_it_at_exit(server) -> None:
     else:  # Redis sessions outlive one server
         with shmkv.connect(server.url) as t:
             assert len(t) == 1
+
+
+def test_a_preloaded_app_and_a_reload_keep_the_sessions(make_name, tmp_path: Path) -> None:
+    # --preload imports the app in the master before on_starting creates the table: the
+    # session interface must connect in each worker, not at import. A HUP replaces every
+    # worker; the master, and so the table, stay.
+    deadline = time.monotonic() + 3 * JOIN_TIMEOUT
+    url = f"shm://{make_name()}?capacity=100&key_size=64&value_size=1024"
+    server = Server(url, tmp_path / "gunicorn.log", "--preload")
+    try:
+        status, _, sid = server.request("POST", "/login", body=ADA)
+        assert status == 303 and sid, server.log_text()
+        before = until(server.all_workers, "three workers", deadline)
+        server.proc.send_signal(signal.SIGHUP)
+        until(lambda: server.admin_by_others(sid, before), "a worker started by the reload",
+              deadline)
+    finally:
+        assert server.stop() == 0, server.log_text()
