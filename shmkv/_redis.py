@@ -21,7 +21,15 @@ import math
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from typing import Any, overload
 
-from ._table import _MISSING, TTL, BytesLike, _as_bytes, _keep_flags, _ttl_ns
+from ._table import (
+    _MISSING,
+    TTL,
+    BytesLike,
+    _as_bytes,
+    _check_counter_args,
+    _keep_flags,
+    _ttl_ns,
+)
 from .errors import CounterOverflow, Error, KeyTooLarge, NotACounter, TableClosed, ValueTooLarge
 
 try:
@@ -263,11 +271,7 @@ class RedisTable(MutableMapping[bytes, bytes]):
         """As Table.incr, with the counter stored as decimal text (Redis's own counters, which
         INCRBY and other clients understand). NotACounter if the value is not a 64-bit
         integer in decimal; CounterOverflow past the range; nothing changes then."""
-        for what, number in (("delta", delta), ("initial", initial)):
-            if isinstance(number, bool) or not isinstance(number, int):
-                raise TypeError(f"{what} must be an int, not {type(number).__name__}")
-            if not -(2**63) <= number < 2**63:
-                raise OverflowError(f"{what} {number} is outside the signed 64-bit range")
+        _check_counter_args(delta, initial)
         ttl_ns = _ttl_ns(ttl)
         rkey = self._key(key)
         try:

@@ -96,6 +96,15 @@ def _seconds(ttl: object) -> float:
                     f"not {type(ttl).__name__}")
 
 
+def _check_counter_args(delta: object, initial: object) -> None:
+    """incr's delta and initial: ints in the signed 64-bit range, or TypeError/OverflowError."""
+    for what, number in (("delta", delta), ("initial", initial)):
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise TypeError(f"{what} must be an int, not {type(number).__name__}")
+        if not -(2**63) <= number < 2**63:
+            raise OverflowError(f"{what} {number} is outside the signed 64-bit range")
+
+
 def _keep_flags(ttl: object) -> int:
     """The flags of keep_ttl=True, which leaves no room for a ttl."""
     if ttl is not None:
@@ -411,11 +420,7 @@ class Table(MutableMapping[bytes, bytes]):
         counter is stored as 8 little-endian bytes (``int.from_bytes(t[key], "little",
         signed=True)`` reads it). NotACounter if the value is not 8 bytes; CounterOverflow
         past the 64-bit range; nothing changes then."""
-        for what, number in (("delta", delta), ("initial", initial)):
-            if isinstance(number, bool) or not isinstance(number, int):
-                raise TypeError(f"{what} must be an int, not {type(number).__name__}")
-            if not -(2**63) <= number < 2**63:
-                raise OverflowError(f"{what} {number} is outside the signed 64-bit range")
+        _check_counter_args(delta, initial)
         ttl_ns = _ttl_ns(ttl)
         key = _as_bytes(key, "key")
         result = ffi.new("int64_t *")

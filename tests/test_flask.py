@@ -70,6 +70,21 @@ def sid_of(client) -> str | None:
     return cookie.value if cookie else None
 
 
+@pytest.fixture
+def ada(app):
+    """A browser logged in as ada, and its session id."""
+    client = app.test_client()
+    client.post("/login/ada")
+    return client, sid_of(client)
+
+
+def opened(app, sid: str) -> ShmkvSession:
+    """The session of sid as a request opens it (inside a request context)."""
+    session = app.session_interface.open_session(app, flask.request)
+    assert isinstance(session, ShmkvSession) and session.sid == sid
+    return session
+
+
 def test_an_anonymous_request_stores_nothing_and_sets_no_cookie(app, table) -> None:
     client = app.test_client()
     response = client.get("/")
@@ -120,10 +135,8 @@ def test_login_moves_the_session_to_a_new_id(app, table) -> None:
     assert client.get("/").json == {"user": "ada", "cart": ["book"]}  # the data moved along
 
 
-def test_logout_deletes_the_session_and_the_cookie(app, table) -> None:
-    client = app.test_client()
-    client.post("/login/ada")
-    sid = sid_of(client)
+def test_logout_deletes_the_session_and_the_cookie(app, table, ada) -> None:
+    client, sid = ada
     response = client.post("/logout")
     assert PREFIX + sid.encode() not in table
     assert session_cookie(response)["value"] == ""  # the browser is told to drop it
@@ -132,10 +145,9 @@ def test_logout_deletes_the_session_and_the_cookie(app, table) -> None:
     assert thief.get("/").json["user"] is None
 
 
-def test_each_request_slides_the_expiry(app, table) -> None:
-    client = app.test_client()
-    client.post("/login/ada")
-    key = PREFIX + sid_of(client).encode()
+def test_each_request_slides_the_expiry(app, table, ada) -> None:
+    client, sid = ada
+    key = PREFIX + sid.encode()
     table.expire(key, 10)
     client.get("/")  # a request that changes nothing still keeps the session alive
     assert table.ttl(key) > TTL - 5
@@ -151,23 +163,19 @@ def test_a_cookie_that_is_not_our_id_is_a_new_session(app, table, cookie: str) -
     assert sid_of(client) != cookie and client.get("/").json["user"] == "ada"
 
 
-def test_data_that_is_not_a_session_is_ignored(app, table) -> None:
-    client = app.test_client()
-    client.post("/login/ada")
-    sid = sid_of(client)
+def test_data_that_is_not_a_session_is_ignored(app, table, ada) -> None:
+    client, sid = ada
     for junk in (b"\xff\xfe", b"not json", b"[1, 2]"):
         table[PREFIX + sid.encode()] = junk
         assert client.get("/").json["user"] is None
 
 
-def test_a_save_never_brings_back_a_session_a_logout_ended(app, table) -> None:
-    client = app.test_client()
-    client.post("/login/ada")
-    sid = sid_of(client)
+def test_a_save_never_brings_back_a_session_a_logout_ended(app, table, ada) -> None:
+    client, sid = ada
     interface = app.session_interface
     with app.test_request_context("/", headers={"Cookie": f"session={sid}"}):
-        session = interface.open_session(app, flask.request)
-        assert isinstance(session, ShmkvSession) and session["user"] == "ada"
+        session = opened(app, sid)
+        assert session["user"] == "ada"
         del table[PREFIX + sid.encode()]  # another worker logs the user out meanwhile
         session["cart"] = ["book"]  # and this request, still running, changes the session
         response = app.response_class()
@@ -176,14 +184,11 @@ def test_a_save_never_brings_back_a_session_a_logout_ended(app, table) -> None:
     assert session_cookie(response)["value"] == ""
 
 
-def test_the_later_of_two_saves_wins(app, table) -> None:
-    client = app.test_client()
-    client.post("/login/ada")
-    sid = sid_of(client)
+def test_the_later_of_two_saves_wins(app, table, ada) -> None:
+    client, sid = ada
     interface = app.session_interface
     with app.test_request_context("/", headers={"Cookie": f"session={sid}"}):
-        first = interface.open_session(app, flask.request)
-        second = interface.open_session(app, flask.request)
+        first, second = opened(app, sid), opened(app, sid)
         first["cart"] = ["book"]
         interface.save_session(app, first, app.response_class())
         second["cart"] = ["pen"]

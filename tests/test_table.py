@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 
 import shmkv
@@ -205,17 +203,6 @@ def test_stats_counters(table: shmkv.Table) -> None:
     assert s["key_size"] == 32 and s["value_size"] == 64
     assert s["segment_size"] >= 64 * (32 + 64)
     assert s["name"] == table.name
-
-
-def test_pickle_reattaches(table: shmkv.Table) -> None:
-    table[b"k"] = b"v"
-    copy = pickle.loads(pickle.dumps(table))
-    try:
-        assert copy is not table and copy[b"k"] == b"v"
-        copy[b"k2"] = b"v2"
-        assert table[b"k2"] == b"v2"
-    finally:
-        copy.close()
 
 
 def test_closed_table_raises(name: str) -> None:
