@@ -123,8 +123,10 @@ class RedisTable(MutableMapping[bytes, bytes]):
         value_size: int | None = None,
         reopen: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name or any(c in name for c in "*?[]\\\0"):
-            raise ValueError(f"invalid table name {name!r}: a non-empty str without *?[]\\")
+        # No ":" in a name: tables "a" and "a:b" would share the keys "a:b:*".
+        if not isinstance(name, str) or not name or any(c in name for c in ":*?[]\\\0"):
+            raise ValueError(f"invalid table name {name!r}: a non-empty str without :*?[]\\ "
+                             "(table NAME keeps its keys under NAME:)")
         self._client: Any = client
         self._name = name
         self._prefix = name.encode() + b":"
@@ -277,12 +279,16 @@ class RedisTable(MutableMapping[bytes, bytes]):
         try:
             result = self._run(self._incr, [rkey], [delta, initial, _ms(ttl_ns)])
         except redis.ResponseError as exc:
-            if "overflow" in str(exc):
+            # Redis's words for the two errors a Table has; any other (out of memory, a
+            # read-only replica, a key of another type) is the server's and goes up as it is.
+            if "would overflow" in str(exc):
                 raise _error(CounterOverflow, "SHMKV_EOVERFLOW",
                              f"table {self._name!r}: {key!r} + {delta} overflows 64 bits"
                              ) from None
-            raise _error(NotACounter, "SHMKV_ENOTCOUNTER", f"table {self._name!r}: the "
-                         f"value of {key!r} is not a decimal 64-bit integer") from None
+            if "not an integer" in str(exc):
+                raise _error(NotACounter, "SHMKV_ENOTCOUNTER", f"table {self._name!r}: the "
+                             f"value of {key!r} is not a decimal 64-bit integer") from None
+            raise
         return int(result)
 
     def compare_and_swap(

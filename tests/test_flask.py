@@ -102,7 +102,7 @@ def test_login_sets_a_random_httponly_samesite_cookie_and_stores_the_data(app, t
     assert "httponly" in cookie and cookie["samesite"] == "Lax" and cookie["path"] == "/"
     assert "secure" not in cookie and "expires" not in cookie  # not permanent: browser session
     assert json.loads(table[PREFIX + sid.encode()]) == {"user": "ada"}
-    assert TTL - 5 < table.ttl(PREFIX + sid.encode()) <= TTL
+    assert 0 < table.ttl(PREFIX + sid.encode()) <= TTL
     assert client.get("/").json["user"] == "ada"
     other = app.test_client()  # another browser knows nothing of it
     assert other.get("/").json["user"] is None
@@ -150,7 +150,7 @@ def test_each_request_slides_the_expiry(app, table, ada) -> None:
     key = PREFIX + sid.encode()
     table.expire(key, 10)
     client.get("/")  # a request that changes nothing still keeps the session alive
-    assert table.ttl(key) > TTL - 5
+    assert table.ttl(key) > 10
 
 
 @pytest.mark.parametrize("cookie", ["", "x", "a" * 42, "a" * 44, "a" * 1000, "../../etc",
@@ -181,7 +181,34 @@ def test_a_save_never_brings_back_a_session_a_logout_ended(app, table, ada) -> N
         response = app.response_class()
         interface.save_session(app, session, response)
     assert PREFIX + sid.encode() not in table
-    assert session_cookie(response)["value"] == ""
+    # The cookie is left alone: by the time this response arrives, the browser may hold the
+    # id of a newer login, which a deletion by name would end.
+    assert "Set-Cookie" not in response.headers
+
+
+def test_a_login_never_brings_back_a_session_a_logout_ended(app, table, ada) -> None:
+    client, sid = ada
+    with app.test_request_context("/", headers={"Cookie": f"session={sid}"}):
+        session = opened(app, sid)
+        del table[PREFIX + sid.encode()]  # logged out in another worker meanwhile
+        session.regenerate()  # while this request raises the session's privileges
+        session["sudo"] = True
+        response = app.response_class()
+        app.session_interface.save_session(app, session, response)
+    assert len(table) == 0 and "Set-Cookie" not in response.headers
+
+
+def test_a_logout_that_removes_keys_wins_over_a_slower_save(app, table, ada) -> None:
+    client, sid = ada
+    client.post("/cart/pen")
+    interface = app.session_interface
+    with app.test_request_context("/", headers={"Cookie": f"session={sid}"}):
+        slow, logout = opened(app, sid), opened(app, sid)
+        slow["cart"] = ["pen", "book"]  # a request that began before the logout, ends after
+        logout.pop("user")  # Flask-Login's logout_user() removes keys, it does not clear
+        interface.save_session(app, logout, app.response_class())
+        interface.save_session(app, slow, app.response_class())
+    assert client.get("/").json == {"user": None, "cart": ["pen", "book"]}
 
 
 def test_the_later_of_two_saves_wins(app, table, ada) -> None:

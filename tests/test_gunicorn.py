@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from conftest import JOIN_TIMEOUT
+from conftest import JOIN_TIMEOUT, join_all
 
 import shmkv
 
@@ -226,3 +226,58 @@ def test_a_preloaded_app_and_a_reload_keep_the_sessions(make_name, tmp_path: Pat
               deadline)
     finally:
         assert server.stop() == 0, server.log_text()
+
+
+# ---------------------------------------------------------------------- the exit hook alone
+
+
+class FakeArbiter:
+    """What the hooks read of gunicorn's Arbiter."""
+
+    def __init__(self, reexec_pid: int = 0, master_pid: int = 0) -> None:
+        self.reexec_pid, self.master_pid = reexec_pid, master_pid
+        self.log = self
+
+    def info(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("arbiter, removed", [
+    (FakeArbiter(), True),                      # a plain stop
+    (FakeArbiter(reexec_pid=4242), False),      # the old master of a USR2 upgrade
+    (FakeArbiter(master_pid=4242), False),      # a new master not yet promoted (a rollback)
+])
+def test_the_exit_hook_keeps_a_table_an_upgrade_still_uses(monkeypatch, make_name, arbiter,
+                                                           removed: bool) -> None:
+    from shmkv.contrib import gunicorn_conf
+
+    name = make_name()
+    monkeypatch.setattr(gunicorn_conf, "SHMKV_URL", f"shm://{name}?capacity=10")
+    gunicorn_conf.on_starting(arbiter)
+    gunicorn_conf.on_exit(arbiter)
+    if removed:
+        with pytest.raises(FileNotFoundError):
+            shmkv.attach(name)
+    else:
+        shmkv.attach(name).close()
+
+
+def test_the_exit_hook_keeps_a_table_another_live_server_created(make_name,
+                                                                 mp_context) -> None:
+    name = make_name()
+    url = f"shm://{name}?capacity=10"
+    with shmkv.connect(url) as other:  # this process plays the other server's master
+        # The hooks run in a child, as the second server's master would.
+        child = mp_context.Process(target=start_and_exit, args=(url,))
+        child.start()
+        assert join_all([child]) == [0]
+        assert other.stats()["creator_pid"] == os.getpid()
+        shmkv.attach(name).close()  # still there
+
+
+def start_and_exit(url: str) -> None:
+    from shmkv.contrib import gunicorn_conf
+
+    gunicorn_conf.SHMKV_URL = url
+    gunicorn_conf.on_starting(FakeArbiter())
+    gunicorn_conf.on_exit(FakeArbiter())

@@ -18,8 +18,11 @@
 The browser holds only a random id (256 bits from ``secrets``) in an HttpOnly, SameSite
 cookie; the session's data lives in the table under ``session:<id>``, as Flask's tagged JSON
 (dicts, lists, str, numbers, bytes, datetimes, tuples, UUIDs, Markup), and expires ``ttl``
-seconds after its last request (sliding expiry). A request that leaves an empty session new
-stores nothing and sets no cookie, so anonymous requests cannot fill the table.
+seconds after its last request (sliding expiry). A request that leaves a new session empty
+stores nothing and sets no cookie; anonymous sessions that hold data (flashed messages, CSRF
+tokens, carts) take room like any other: size the table for them, or create it with
+``on_full="evict"`` so that the least recently used sessions make room. A session that does
+not fit (TableFull, or ValueTooLarge past the table's value_size) fails its request.
 
 The store is a table, or a URL for :func:`shmkv.connect` that each process connects to on
 its first request: that works under gunicorn whether or not the app is imported before the
@@ -133,18 +136,25 @@ class ShmkvSessionInterface(SessionInterface):
             return datetime.now(timezone.utc) + self._ttl(app)
         return None
 
+    def _encode(self, data: dict[str, Any]) -> bytes:
+        return self.serializer.dumps(data).encode()
+
+    def _decode(self, stored: bytes) -> dict[str, Any] | None:
+        """The session data in stored bytes; None for bytes that are not a session's."""
+        try:
+            data = self.serializer.loads(stored.decode())
+        except ValueError:  # not ours, or damaged
+            return None
+        return data if isinstance(data, dict) else None
+
     def open_session(self, app: Flask, request: Request) -> ShmkvSession:
         sid = request.cookies.get(self.get_cookie_name(app))
         # Anything but an id of ours is never looked up: a cookie is attacker-supplied.
         if sid and _ID.fullmatch(sid):
             stored = self.table.get(self._key(sid))
-            if stored is not None:
-                try:
-                    data = self.serializer.loads(stored.decode())
-                except ValueError:  # not ours (or damaged): start afresh
-                    data = None
-                if isinstance(data, dict):
-                    return self.session_class(data, sid=sid, stored=stored)
+            data = None if stored is None else self._decode(stored)
+            if data is not None:
+                return self.session_class(data, sid=sid, stored=stored)
         return self.session_class()
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
@@ -154,42 +164,57 @@ class ShmkvSessionInterface(SessionInterface):
         if session.accessed:
             response.vary.add("Cookie")
 
-        if not session:  # emptied (a logout), or never filled
-            if session.sid is not None:
-                table.pop(self._key(session.sid), None)
-            if session.modified:
+        if not session:
+            if session.modified:  # this request emptied it: a logout
+                if session.sid is not None:
+                    table.pop(self._key(session.sid), None)
                 response.delete_cookie(self.get_cookie_name(app), **cookie)
                 response.vary.add("Cookie")
             return
 
+        # A session that another request ended meanwhile (a logout in another worker) stays
+        # ended: nothing is stored, and the cookie is left as it is, since the browser may
+        # hold a newer one by now (a login in another tab).
         sid = session.sid
         if session.new or session.regenerate_id:
+            if sid is not None and table.pop(self._key(sid), None) is None:
+                return
             sid = secrets.token_urlsafe(_ID_BYTES)
-            table.add(self._key(sid), self.serializer.dumps(dict(session)).encode(), ttl)
-            if session.sid is not None:
-                table.pop(self._key(session.sid), None)
+            table.add(self._key(sid), self._encode(dict(session)), ttl)
         elif session.modified:
             if not self._replace(table, session, ttl):
-                response.delete_cookie(self.get_cookie_name(app), **cookie)
                 return
-        elif not table.touch(self._key(session.sid), ttl):  # type: ignore[arg-type]
-            return  # ended meanwhile (a logout): nothing to refresh
+        elif not table.touch(self._key(sid), ttl):  # type: ignore[arg-type]
+            return
         if session.new or session.regenerate_id or self.should_set_cookie(app, session):
             response.set_cookie(self.get_cookie_name(app), sid,  # type: ignore[arg-type]
                                 expires=self.get_expiration_time(app, session), **cookie)
             response.vary.add("Cookie")
 
     def _replace(self, table: AnyTable, session: ShmkvSession, ttl: Any) -> bool:
-        """Stores the session's new data over what is stored, unless the session is gone;
-        False if it is. A plain set would bring back a session that a logout in another
-        worker ended while this request ran."""
+        """Stores what this request changed in its session; False if the session is gone.
+        A plain set would bring back a session that a logout in another worker ended while
+        this request ran, and would undo what other requests of the session changed
+        meanwhile (a logout that removes the user's key, as Flask-Login's does). So the
+        write is a compare-and-swap against what this request read, and on a conflict this
+        request's changes, key by key (set or removed), go onto what is stored now."""
         key = self._key(session.sid)  # type: ignore[arg-type]
-        new = self.serializer.dumps(dict(session)).encode()
+        read = self._decode(session.stored) or {}  # type: ignore[arg-type]
+        data = dict(session)
+        changed = {k: v for k, v in data.items() if k not in read or read[k] != v}
+        removed = read.keys() - data.keys()
         current = session.stored
         while current is not None:
-            if table.compare_and_swap(key, current, new, ttl):
+            if table.compare_and_swap(key, current, self._encode(data), ttl):
                 return True
-            current = table.get(key)  # another request of this session saved: later wins
+            current = table.get(key)
+            if current is None:
+                break
+            theirs = self._decode(current) or {}
+            data = {k: v for k, v in {**theirs, **changed}.items() if k not in removed}
+            if not data:  # nothing left of the session: it ended
+                table.pop(key, None)
+                break
         return False
 
     def _cookie_options(self, app: Flask) -> dict[str, Any]:
