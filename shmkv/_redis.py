@@ -93,10 +93,6 @@ def client_from_url(url: str, **options: Any) -> Any:
     return redis.Redis.from_url(url, **options)
 
 
-def _glob_escape(text: bytes) -> bytes:
-    return b"".join(b"\\" + bytes([c]) if c in b"*?[]\\" else bytes([c]) for c in text)
-
-
 def _error(cls: type[Error], code_name: str, message: str) -> Error:
     exc = cls(message)
     exc.code_name = code_name
@@ -123,14 +119,15 @@ class RedisTable(MutableMapping[bytes, bytes]):
         value_size: int | None = None,
         reopen: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
-        # No ":" in a name: tables "a" and "a:b" would share the keys "a:b:*".
+        # No ":" in a name, so that tables "a" and "a:b" do not share the keys "a:b:*"; no
+        # glob characters, so that the name is its own SCAN pattern.
         if not isinstance(name, str) or not name or any(c in name for c in ":*?[]\\\0"):
             raise ValueError(f"invalid table name {name!r}: a non-empty str without :*?[]\\ "
                              "(table NAME keeps its keys under NAME:)")
         self._client: Any = client
         self._name = name
         self._prefix = name.encode() + b":"
-        self._match = _glob_escape(self._prefix) + b"*"
+        self._match = self._prefix + b"*"
         self._reopen = reopen  # connect()'s arguments, which a pickle carries
         self.key_size = key_size
         self.value_size = value_size
