@@ -61,7 +61,7 @@ class ShmkvSession(CallbackDict, SessionMixin):  # type: ignore[type-arg]
         super().__init__(initial, on_update)
         self.sid = sid
         #: The bytes this request read from the table (None for a new session): a save
-        #: replaces exactly them, so that it never brings back a session a logout ended.
+        #: compares against them, to find what other requests changed meanwhile.
         self.stored = stored
         self.new = sid is None
         self.modified = False
@@ -90,8 +90,9 @@ class ShmkvSessionInterface(SessionInterface):
     settings; it is always HttpOnly, and SameSite is the app's setting or else ``Lax``.
     A permanent session (``session.permanent = True``) gets a cookie that expires with the
     session; otherwise the cookie lasts as long as the browser keeps it and the data ``ttl``
-    seconds from the last request. Two requests of one session that both change it: the
-    later save wins, as in every server-side session store; a logout wins over both.
+    seconds from the last request. Two requests of one session that both change it are
+    merged key by key (each save writes the keys its request set or removed onto what is
+    stored then); a session that a logout ended stays ended.
     """
 
     session_class = ShmkvSession
