@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
+from collections.abc import Iterable, Mapping
 from typing import Any, overload
 
 from ._table import (
@@ -28,6 +28,7 @@ from ._table import (
     _as_bytes,
     _check_counter_args,
     _keep_flags,
+    _TableBase,
     _ttl_ns,
 )
 from .errors import CounterOverflow, Error, KeyTooLarge, NotACounter, TableClosed, ValueTooLarge
@@ -99,7 +100,7 @@ def _error(cls: type[Error], code_name: str, message: str) -> Error:
     return exc
 
 
-class RedisTable(MutableMapping[bytes, bytes]):
+class RedisTable(_TableBase):
     """A table of bytes keys and values kept by a Redis server, with the methods of
     :class:`~shmkv.Table`. Make one with :func:`shmkv.connect` (``redis://HOST:PORT/DB?name=
     NAME``), or from a ``redis.Redis`` client. ``key_size`` and ``value_size``, if given, are
@@ -161,12 +162,6 @@ class RedisTable(MutableMapping[bytes, bytes]):
     def unlink(self) -> None:
         """Removes every key of the table from the server. This handle stays usable."""
         self.clear()
-
-    def __enter__(self) -> RedisTable:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._reopen is None:
@@ -342,12 +337,11 @@ class RedisTable(MutableMapping[bytes, bytes]):
     def __len__(self) -> int:
         return len(self._rkeys())
 
-    def __iter__(self) -> Iterator[bytes]:
-        # Every key present from the start to the end of the walk, once; not a snapshot.
-        return iter([self._bare(k) for k in self._rkeys()])
-
-    def _pairs(self) -> list[tuple[bytes, bytes]]:
+    def _snapshot(self, with_values: bool) -> list[Any]:
+        # Every key present from the start to the end of the walk, once; not one instant.
         rkeys = self._rkeys()
+        if not with_values:
+            return [self._bare(k) for k in rkeys]
         pairs = []
         for i in range(0, len(rkeys), _SCAN_COUNT):
             batch = rkeys[i:i + _SCAN_COUNT]
@@ -356,32 +350,12 @@ class RedisTable(MutableMapping[bytes, bytes]):
                     pairs.append((self._bare(rkey), value))
         return pairs
 
-    def items(self) -> ItemsView[bytes, bytes]:
-        return _Items(self)
-
-    def values(self) -> ValuesView[bytes]:
-        return _Values(self)
-
     def clear(self) -> None:
         """Removes every key of the table. Not one step: a key another process stores while
         it runs may stay."""
         rkeys = self._rkeys()
         for i in range(0, len(rkeys), _SCAN_COUNT):
             self._live().unlink(*rkeys[i:i + _SCAN_COUNT])
-
-    def popitem(self) -> tuple[bytes, bytes]:
-        """Removes and returns some (key, value); KeyError if the table is empty."""
-        for rkey in self._rkeys():
-            value = self._live().getdel(rkey)
-            if value is not None:
-                return self._bare(rkey), value
-        raise KeyError("popitem(): table is empty")
-
-    def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        """Like dict.update, stored in one step with set_many()."""
-        if kwargs:
-            raise TypeError("Table keys are bytes; keyword arguments cannot name them")
-        self.set_many(other)
 
     def get_many(self, keys: Iterable[BytesLike]) -> dict[bytes, bytes]:
         """The values of the keys that are present, read in one step (MGET)."""
@@ -431,17 +405,3 @@ class RedisTable(MutableMapping[bytes, bytes]):
             "used_memory": info.get("used_memory"),
             "maxmemory_policy": info.get("maxmemory_policy"),
         }
-
-
-class _Items(ItemsView[bytes, bytes]):
-    _mapping: RedisTable
-
-    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
-        return iter(self._mapping._pairs())
-
-
-class _Values(ValuesView[bytes]):
-    _mapping: RedisTable
-
-    def __iter__(self) -> Iterator[bytes]:
-        return (value for _, value in self._mapping._pairs())

@@ -15,7 +15,7 @@ import time
 from array import array
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from datetime import timedelta
-from typing import Any, Union, overload
+from typing import Any, TypeVar, Union, overload
 
 from . import _segment
 from ._core import ffi, lib
@@ -126,7 +126,72 @@ def _timeout(value: object) -> float:
     return float(value)
 
 
-class Table(MutableMapping[bytes, bytes]):
+_T = TypeVar("_T", bound="_TableBase")
+
+
+class _TableBase(MutableMapping[bytes, bytes]):
+    """What a Table and a RedisTable share above their storage: iteration and the views over
+    _snapshot(), popitem() over pop(), update() as set_many(), and the context manager."""
+
+    def _snapshot(self, with_values: bool) -> list[Any]:
+        """Every key, or every (key, value) pair, as a list the caller may walk at leisure."""
+        raise NotImplementedError
+
+    def set_many(self, mapping: Any, ttl: TTL = None) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._snapshot(False))
+
+    def items(self) -> ItemsView[bytes, bytes]:
+        """A view whose iteration is one snapshot of (key, value) pairs."""
+        return _SnapshotItems(self)
+
+    def values(self) -> ValuesView[bytes]:
+        return _SnapshotValues(self)
+
+    def popitem(self) -> tuple[bytes, bytes]:
+        """Removes and returns some (key, value); KeyError if the table is empty."""
+        while True:
+            keys = self._snapshot(False)
+            if not keys:
+                raise KeyError("popitem(): table is empty")
+            for key in keys:
+                value = self.pop(key, None)
+                if value is not None:
+                    return key, value
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Like dict.update, stored in one step with set_many()."""
+        if kwargs:
+            raise TypeError("Table keys are bytes; keyword arguments cannot name them")
+        self.set_many(other)
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _SnapshotItems(ItemsView[bytes, bytes]):
+    _mapping: _TableBase
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self._mapping._snapshot(True))
+
+
+class _SnapshotValues(ValuesView[bytes]):
+    _mapping: _TableBase
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (value for _, value in self._mapping._snapshot(True))
+
+
+class Table(_TableBase):
     """A fixed-size hash table of bytes keys and bytes values in shared memory.
 
     Make one with :func:`shmkv.create` (the master) or :func:`shmkv.attach` (a worker).
@@ -217,12 +282,6 @@ class Table(MutableMapping[bytes, bytes]):
         _segment.unlink_semaphore(self._name)
         _segment.unlink_segment(self._name, tracked=self._tracked)
         self._tracked = False
-
-    def __enter__(self) -> Table:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         try:
@@ -519,7 +578,8 @@ class Table(MutableMapping[bytes, bytes]):
             raise self._error(rc)
 
     def _snapshot(self, with_values: bool) -> list[Any]:
-        """Every key (or (key, value) pair) at one instant, under one lock acquisition."""
+        """Every key (or (key, value) pair) at one instant, under one lock acquisition: what
+        the caller iterates is safe whatever other processes do meanwhile."""
         needed = ffi.new("uint64_t *")
         while True:
             size = self._snapshot_size
@@ -545,34 +605,6 @@ class Table(MutableMapping[bytes, bytes]):
             else:
                 records.append(key)
         return records
-
-    def __iter__(self) -> Iterator[bytes]:
-        # A snapshot: safe whatever other processes do while the caller iterates.
-        return iter(self._snapshot(False))
-
-    def items(self) -> ItemsView[bytes, bytes]:
-        """A view whose iteration is one consistent snapshot of (key, value) pairs."""
-        return _SnapshotItems(self)
-
-    def values(self) -> ValuesView[bytes]:
-        return _SnapshotValues(self)
-
-    def popitem(self) -> tuple[bytes, bytes]:
-        """Removes and returns some (key, value); KeyError if the table is empty."""
-        while True:
-            keys = self._snapshot(False)
-            if not keys:
-                raise KeyError("popitem(): table is empty")
-            for key in keys:
-                value = self.pop(key, None)
-                if value is not None:
-                    return key, value
-
-    def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        """Like dict.update, stored in one step with set_many()."""
-        if kwargs:
-            raise TypeError("Table keys are bytes; keyword arguments cannot name them")
-        self.set_many(other)
 
     def get_many(self, keys: Iterable[BytesLike]) -> dict[bytes, bytes]:
         """The values of the keys that are present, read under one lock acquisition."""
@@ -743,20 +775,6 @@ def _describe_owner(tid: int) -> str:
         return (f"held by thread {tid}, which does not exist here: the lock word is damaged, "
                 "or its owner lives in another PID namespace")
     return f"held by process {found[0]} ({found[1]})"
-
-
-class _SnapshotItems(ItemsView[bytes, bytes]):
-    _mapping: Table
-
-    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
-        return iter(self._mapping._snapshot(True))
-
-
-class _SnapshotValues(ValuesView[bytes]):
-    _mapping: Table
-
-    def __iter__(self) -> Iterator[bytes]:
-        return (value for _, value in self._mapping._snapshot(True))
 
 
 # ---------------------------------------------------------------------- opening tables
