@@ -381,7 +381,7 @@ def test_sliding_expiry_real_time(table) -> None:
     last = time.monotonic()
     started = last
     while time.monotonic() - started < 1.2:
-        time.sleep(0.1)
+        time.sleep(0.1)  # the time between two uses of a session: what this test is about
         before = time.monotonic()
         touched = table.touch(b"session", ttl)
         if before - last < ttl:  # the last touch's deadline had not passed

@@ -46,7 +46,7 @@ from .._connect import AnyTable, connect
 
 #: The ids this interface makes: 43 characters of urlsafe base64, 256 random bits.
 _ID_BYTES = 32
-_ID_LENGTH = 43
+_ID_LENGTH = len(secrets.token_urlsafe(_ID_BYTES))
 _ID = re.compile(f"[A-Za-z0-9_-]{{{_ID_LENGTH}}}")
 
 
