@@ -15,9 +15,10 @@ gives the same interface on a Redis server, for the day one machine is not enoug
 
 from ._connect import connect
 from ._core import lib as _lib
+from ._open import attach, create
 from ._redis import RedisTable
 from ._shareddict import SharedDict
-from ._table import Table, attach, create
+from ._table import Table
 from ._version import __version__
 from .errors import (
     CheckFailed,

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any, Union
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
+from ._open import attach, create
 from ._redis import RedisTable, client_from_url
-from ._table import Table, attach, create
+from ._table import Table
 
 AnyTable = Union[Table, RedisTable]
 

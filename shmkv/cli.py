@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
+from . import _open as opening
 from . import _table
 from .errors import CheckFailed, Error, IncompatibleTable, LockError, LockTimeout
 
@@ -80,7 +81,7 @@ def unescape(text: str) -> bytes:
 
 def _open(name: str) -> _table.Table:
     try:
-        return _table.attach(name, lock_timeout=ATTACH_TIMEOUT)
+        return opening.attach(name, lock_timeout=ATTACH_TIMEOUT)
     except FileNotFoundError:
         raise Failure(f"no such table: {name!r}", EXIT_NO_TABLE) from None
     except IncompatibleTable as exc:
@@ -141,7 +142,7 @@ def list_tables() -> list[dict[str, Any]]:
         if entry.startswith("sem.") or not os.path.isfile(os.path.join(SHM_DIR, entry)):
             continue
         try:
-            t = _table.attach(entry, lock_timeout=ATTACH_TIMEOUT)
+            t = opening.attach(entry, lock_timeout=ATTACH_TIMEOUT)
         except (Error, OSError, ValueError):
             continue
         try:
