@@ -17,6 +17,7 @@ from ._connect import connect
 from ._core import lib as _lib
 from ._open import attach, create
 from ._redis import RedisTable
+from ._segment import unlink
 from ._shareddict import SharedDict
 from ._table import Table
 from ._version import __version__
@@ -33,6 +34,7 @@ from .errors import (
     TableBroken,
     TableClosed,
     TableFull,
+    UntrustedTable,
     ValueTooLarge,
 )
 
@@ -59,9 +61,11 @@ __all__ = [
     "TableBroken",
     "TableClosed",
     "TableFull",
+    "UntrustedTable",
     "ValueTooLarge",
     "__version__",
     "attach",
     "connect",
     "create",
+    "unlink",
 ]

@@ -1,15 +1,30 @@
-"""Opening tables: create() and attach(), the two ways a process gets a Table."""
+"""Opening tables: create() and attach(), the two ways a process gets a Table.
+
+Both open the segment's file first, check its owner with fstat (nothing else is read from a
+segment that fails that), and serialise with creators through flock on that file: see
+_segment's docstring for the protocol and why.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _segment
 from ._core import ffi, lib
+from ._segment import Owner, UserId
 from ._table import _ON_FULL, DEFAULT_LOCK_TIMEOUT, Table, _positive_int, _timeout
-from .errors import IncompatibleTable, error_for
+from .errors import IncompatibleTable, LockTimeout, error_for
+
+
+class _Layout(NamedTuple):
+    capacity: int
+    key_size: int
+    value_size: int
+    on_full: str
+    size: int  # bytes of the segment
 
 
 def create(
@@ -22,6 +37,9 @@ def create(
     exist_ok: bool = False,
     reserve: bool = True,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    user: UserId = None,
+    group: UserId = None,
+    mode: Any = 0o600,
 ) -> Table:
     """Creates the table ``name`` holding up to ``capacity`` keys of at most ``key_size``
     bytes with values of at most ``value_size`` bytes, and returns it attached.
@@ -33,14 +51,21 @@ def create(
     The creating process owns the table: it is removed when that process's tree ends, unless
     ``unlink()`` removed it before. With ``exist_ok=True``, an existing table of that name is
     attached instead (its geometry is kept), and among many processes doing this at once,
-    exactly one creates it; such a table has no owner and lives until ``unlink()``.
-    ``reserve=True`` allocates all its memory now, so that a full /dev/shm raises OSError
-    here rather than crashing a process later; ``reserve=False`` allocates pages as they are
-    first used, for huge sparse tables.
+    exactly one creates it; such a table has no owner and lives until ``unlink()``; one whose
+    creator died while creating it is laid anew. ``reserve=True`` allocates all its memory
+    now, so that a full /dev/shm raises OSError here rather than crashing a process later;
+    ``reserve=False`` allocates pages as they are first used, for huge sparse tables.
+
+    The table belongs to ``user`` (a uid or name; default: the caller) and ``group``, with
+    permissions ``mode`` (default 0o600: that user alone). A root master hands a table to its
+    workers' user with ``user=``; ``group=`` with ``mode=0o660`` shares it with a group.
+    With exist_ok, an existing table must match these (see attach()).
 
     Raises ValueError or TypeError for bad parameters (before anything is created),
-    FileExistsError if the name is taken and not exist_ok, OSError if memory runs out, and
-    IncompatibleTable if an existing segment of that name is not a usable table.
+    FileExistsError if the name is taken and not exist_ok, OSError if memory runs out,
+    PermissionError if the owner cannot be set, UntrustedTable if an existing table of that
+    name belongs to someone else, and IncompatibleTable if it is not a usable table. A
+    create() that raises leaves nothing behind.
     """
     name = _segment.check_name(name)
     capacity = _positive_int(capacity, "capacity", lib.SHMKV_MAX_CAPACITY)
@@ -48,24 +73,80 @@ def create(
     value_size = _positive_int(value_size, "value_size", lib.SHMKV_MAX_VALUE_SIZE)
     if on_full not in _ON_FULL:
         raise ValueError(f"on_full must be 'error' or 'evict', not {on_full!r}")
-    flags = _ON_FULL[on_full]
     timeout = _timeout(lock_timeout)
+    owner = Owner(user, group, mode)
     geometry = ffi.new("struct shmkv_geometry *")
     rc = lib.shmkv_layout(capacity, key_size, value_size, geometry)
     if rc < 0:
         raise ValueError(f"a table of {capacity:,} entries of {key_size} + {value_size} bytes "
                          "is too large for this machine's address space")
+    layout = _Layout(capacity, key_size, value_size, on_full, geometry.total_size)
+    deadline = time.monotonic() + timeout
     if not exist_ok:
-        return _create(name, capacity, key_size, value_size, flags, geometry.total_size,
-                       reserve, timeout, tracked=True)
-    with _segment.CreationLock(name, timeout):
+        fd = _segment.shm_open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        return _in_new_file(name, fd, layout, owner, reserve, timeout, deadline, tracked=True)
+    attempt = 0
+    while True:
         try:
-            return _create(name, capacity, key_size, value_size, flags, geometry.total_size,
-                           reserve, timeout, tracked=False)
+            fd = _segment.shm_open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         except FileExistsError:
-            table = attach(name, lock_timeout=timeout)
-    asked = {"capacity": capacity, "key_size": key_size, "value_size": value_size,
-             "on_full": on_full}
+            try:
+                fd = _segment.shm_open(name, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # removed meanwhile: try to create it again
+        else:
+            return _in_new_file(name, fd, layout, owner, reserve, timeout, deadline,
+                                tracked=False)
+        try:
+            table = _in_existing_file(name, fd, layout, owner, reserve, timeout, deadline)
+        finally:
+            os.close(fd)  # and with it the flock
+        if table is not None:
+            return table
+        _segment.back_off(attempt)
+        attempt += 1
+
+
+def _in_new_file(name: str, fd: int, layout: _Layout, owner: Owner, reserve: bool,
+                 timeout: float, deadline: float, *, tracked: bool) -> Table:
+    """Lays a table into the empty file this call created as fd, and closes fd. On any
+    error the file is removed again."""
+    try:
+        _segment.flock(fd, fcntl.LOCK_EX, deadline, name)
+        if os.fstat(fd).st_size != 0:  # taken over after lock_timeout (see _in_existing_file)
+            raise FileExistsError(f"table {name!r} was created by another process meanwhile")
+        owner.apply(fd)
+        return _lay(name, fd, layout, reserve, timeout, tracked=tracked)
+    except BaseException:
+        if _segment.names_file(name, fd):
+            _segment.unlink_segment(name, tracked=False)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _in_existing_file(name: str, fd: int, layout: _Layout, owner: Owner, reserve: bool,
+                      timeout: float, deadline: float) -> Table | None:
+    """create(exist_ok=True) of a name whose file fd another process created: the table
+    attached if it is finished, laid anew if its creator died creating it; None to try
+    again (the file was removed, or its creator has yet to lock it)."""
+    owner.check(os.fstat(fd), name)
+    _segment.flock(fd, fcntl.LOCK_EX, deadline, name)
+    if not _segment.names_file(name, fd):
+        return None
+    if os.fstat(fd).st_size == 0:
+        # Its creator is between creating the file and locking it, or died there: give it
+        # until the deadline, then take the table over.
+        if time.monotonic() < deadline:
+            return None
+        return _lay(name, fd, layout, reserve, timeout, tracked=False)
+    try:
+        table = _open(name, fd, timeout)
+    except _Unfinished:
+        os.ftruncate(fd, 0)  # its creator died holding the lock we hold now: start over
+        return _lay(name, fd, layout, reserve, timeout, tracked=False)
+    asked = layout._asdict()
+    del asked["size"]
     found = {key: getattr(table, key) for key in asked}
     if found != asked:
         table.close()
@@ -80,26 +161,22 @@ def _params(params: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in params.items())
 
 
-def _create(
-    name: str,
-    capacity: int,
-    key_size: int,
-    value_size: int,
-    flags: int,
-    size: int,
-    reserve: bool,
-    timeout: float,
-    *,
-    tracked: bool,
-) -> Table:
-    segment = _segment.open_segment(name, create=True, size=size, track=tracked)
+def _lay(name: str, fd: int, layout: _Layout, reserve: bool, timeout: float, *,
+         tracked: bool) -> Table:
+    """Sizes the file (fd, flock held exclusively), writes a fresh table into it and opens
+    it; the ready flag goes last, so an attacher sees a whole table or none."""
+    os.ftruncate(fd, layout.size)
+    if reserve:
+        _segment.reserve(fd, layout.size, name)
+    segment = _segment.map_checked(name, fd, track=tracked)
     try:
-        if reserve:
-            _segment.reserve(segment, name)
+        if tracked:
+            _segment.track(name, segment)
         base = ffi.from_buffer("char[]", segment.buf, require_writable=True)
         try:
-            rc = lib.shmkv_init(base, segment.size, capacity, key_size, value_size, flags,
-                                os.urandom(16), os.getpid())
+            rc = lib.shmkv_init(base, segment.size, layout.capacity, layout.key_size,
+                                layout.value_size, _ON_FULL[layout.on_full], os.urandom(16),
+                                os.getpid())
         finally:
             ffi.release(base)
         if rc < 0:
@@ -107,39 +184,81 @@ def _create(
         return Table(segment, name, tracked=tracked, created=True, lock_timeout=timeout)
     except BaseException:
         segment.close()
-        _segment.unlink_segment(name, tracked=tracked)
         raise
 
 
-def attach(name: str, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Table:
+class _Unfinished(Exception):
+    pass
+
+
+def _open(name: str, fd: int, timeout: float) -> Table:
+    """The table in the file fd, whose flock the caller holds; _Unfinished if its header was
+    never marked ready (with the flock held, that means its creator died)."""
+    segment = _segment.map_checked(name, fd, track=False)
+    try:
+        return Table(segment, name, tracked=False, lock_timeout=timeout)
+    except IncompatibleTable as exc:
+        if exc.code_name == "SHMKV_ENOTREADY":
+            raise _Unfinished from None
+        raise
+
+
+def attach(
+    name: str,
+    *,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    user: UserId = None,
+    group: UserId = None,
+    mode: Any = 0o600,
+    _inspect: bool = False,
+) -> Table:
     """Attaches to the existing table ``name``. A table still being created is waited for
     (up to lock_timeout seconds). Never removes the table, at exit or otherwise.
 
-    Raises FileNotFoundError if there is no such segment, and IncompatibleTable if it is not
-    a shmkv table this build can use (foreign, truncated, another format, never finished).
+    The table must belong to ``user`` (default: the caller) and, if given, ``group``, and
+    grant no more than ``mode`` (default 0o600): a table that another user could have
+    written is refused before anything in it is read.
+
+    Raises FileNotFoundError if there is no such table, UntrustedTable if it belongs to
+    someone else or grants more, LockTimeout if its creator is still at it after
+    lock_timeout, and IncompatibleTable if it is not a shmkv table this build can use
+    (foreign, truncated, another format, or never finished because its creator died).
     """
+    # _inspect (shmkv-inspect): any owner, never waits, and the handle changes no counter.
     name = _segment.check_name(name)
     timeout = _timeout(lock_timeout)
+    owner = Owner(user, group, mode)
     deadline = time.monotonic() + timeout
     attempt = 0
     while True:
+        fd = _segment.shm_open(name, os.O_RDWR)
         try:
-            segment = _segment.open_segment(name, create=False, track=False)
-        except ValueError:
-            # mmap of an empty file: the creator has not sized it yet.
-            segment = None
-        if segment is not None:
+            if not _inspect:
+                owner.check(os.fstat(fd), name)
             try:
-                return Table(segment, name, tracked=False, lock_timeout=timeout)
-            except IncompatibleTable as exc:
-                if exc.code_name != "SHMKV_ENOTREADY":
+                _segment.flock(fd, fcntl.LOCK_SH, time.monotonic() if _inspect else deadline,
+                               name)
+            except LockTimeout:
+                if not _inspect:
                     raise
-        if time.monotonic() >= deadline:
-            raise IncompatibleTable(
-                f"table {name!r} was never finished by its creator (did it die while "
-                "creating it?); unlink it and create it again"
-            )
+                raise IncompatibleTable(f"table {name!r} is being created") from None
+            if os.fstat(fd).st_size != 0:
+                try:
+                    table = _open(name, fd, timeout)
+                except _Unfinished:
+                    raise IncompatibleTable(
+                        f"table {name!r} was never finished: its creator died while creating "
+                        f"it; create(..., exist_ok=True) lays it anew, shmkv.unlink({name!r}) "
+                        "removes it") from None
+                if _inspect:
+                    table._make_observer()
+                return table
+            if _inspect or time.monotonic() >= deadline:
+                raise IncompatibleTable(
+                    f"table {name!r} was never finished: its segment is empty (its creator "
+                    f"died before sizing it, or it is no table); shmkv.unlink({name!r}) "
+                    "removes it")
+        finally:
+            os.close(fd)
         _segment.back_off(attempt)
         attempt += 1
-
-

@@ -213,6 +213,7 @@ class Table(_TableBase):
         self._name = name
         self._tracked = tracked
         self._h: Any = ffi.NULL
+        self._identity = _segment.identity(segment)  # unlink() removes this file, no other
         self._base = ffi.from_buffer("char[]", segment.buf, require_writable=True)
         holder = ffi.new("shmkv_t **")
         why = ffi.new("char[]", _WHY_SIZE)
@@ -276,9 +277,9 @@ class Table(_TableBase):
     def unlink(self) -> None:
         """Removes the table's name from the system: no process can attach any more, and the
         memory is freed once every process has closed it. This handle stays usable.
-        FileNotFoundError if it was already removed."""
-        _segment.unlink_semaphore(self._name)
-        _segment.unlink_segment(self._name, tracked=self._tracked)
+        FileNotFoundError if it was already removed (even if another table has taken the
+        name since: that one is left alone)."""
+        _segment.unlink_segment(self._name, tracked=self._tracked, identity=self._identity)
         self._tracked = False
 
     def __del__(self) -> None:

@@ -38,6 +38,11 @@ class IncompatibleTable(Error):
     another format version or build, or with an inconsistent header."""
 
 
+class UntrustedTable(Error, builtins.PermissionError):
+    """The segment of that name belongs to another user than expected, or grants more
+    access than asked for: refused before anything in it was read."""
+
+
 class CorruptTable(Error):
     """An operation found the body of the table damaged; nothing was read out of bounds."""
 

@@ -28,10 +28,9 @@ def unique_name(prefix: str = "shmkv-test") -> str:
 
 
 def remove(name: str) -> None:
-    """Unlinks the segment and the creation semaphore of name, if they exist."""
+    """Unlinks the segment of name, if it exists."""
     from shmkv import _segment
 
-    _segment.unlink_semaphore(name)
     try:
         _segment.unlink_segment(name, tracked=False)
     except FileNotFoundError:

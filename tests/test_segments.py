@@ -10,6 +10,7 @@ a crash shows up as a failed test with the signal's name instead of killing the 
 
 from __future__ import annotations
 
+import _posixshmem  # type: ignore[import-not-found]
 import contextlib
 import json
 import os
@@ -310,7 +311,7 @@ def test_header_offsets_match_this_build(filled: tuple[shmkv.Table, dict[bytes, 
     stats = t.stats()
     g = img.g
     assert img.field("magic") == MAGIC
-    assert img.field("version") == stats["version"] == 3
+    assert img.field("version") == stats["version"] == 4
     assert img.field("ready") == 1
     for field in ("header_size", "total_size", "capacity", "nentries", "nslots", "key_size",
                   "value_size", "entry_size", "index_offset", "entries_offset"):
@@ -389,7 +390,7 @@ def test_attach_rejects_truncated_table(
 
 BAD_HEADERS = [
     # (id, field, change of its value, what the message must say)
-    ("version+1", "version", lambda v: v + 1, "format version 4, this build reads version 3"),
+    ("version+1", "version", lambda v: v + 1, "format version 5, this build reads version 4"),
     ("version-0", "version", lambda v: 0, "format version 0"),
     ("version-flipped", "version", lambda v: v ^ 0xFFFFFFFF, "format version"),
     ("header-size", "header_size", lambda v: v + 64, "another build"),
@@ -436,8 +437,6 @@ def test_attach_rejects_bad_header(
 
 def zero_length_segment(name: str) -> contextlib.AbstractContextManager[None]:
     """A segment whose creator died between shm_open and ftruncate (make_name removes it)."""
-    import _posixshmem  # type: ignore[import-not-found]
-
     os.close(_posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600))
     return contextlib.nullcontext()
 
@@ -456,7 +455,7 @@ def test_attach_to_unfinished_table_times_out(
     table: shmkv.Table, make_name: Callable[[], str], segment: Callable[..., Any]
 ) -> None:
     """A segment its creator never finished (all zeros, empty, or a header whose ready flag
-    is not set) is waited for up to lock_timeout, then IncompatibleTable."""
+    is not set) and whose flock nobody holds is IncompatibleTable: no creator is at work."""
     name = make_name()
     with segment(name, real_image(table)), pytest.raises(
         shmkv.IncompatibleTable, match="never finished"
@@ -833,19 +832,33 @@ def test_create_exist_ok_other_geometry(
     assert_table_intact(t.name, expected)
 
 
-@pytest.mark.parametrize(
-    ("data", "why"),
-    [(b"NOTSHMKV" + bytes(4088), "no shmkv magic"), (bytes(4096), "never finished")],
-    ids=["foreign", "zeros"],
-)
-def test_create_exist_ok_over_foreign_segment(
-    make_name: Callable[[], str], data: bytes, why: str
-) -> None:
+def test_create_exist_ok_over_foreign_segment(make_name: Callable[[], str]) -> None:
     """create(..., exist_ok=True) over a segment that is not a table raises
     IncompatibleTable and neither overwrites nor removes that segment."""
     name = make_name()
+    data = b"NOTSHMKV" + bytes(4088)
     with foreign_segment(name, data):
-        with pytest.raises(shmkv.IncompatibleTable, match=why):
+        with pytest.raises(shmkv.IncompatibleTable, match="no shmkv magic"):
             shmkv.create(name, capacity=8, key_size=8, value_size=8, exist_ok=True,
                          lock_timeout=SHORT_WAIT)
         assert read_segment(name) == data
+
+
+@pytest.mark.parametrize("data", [bytes(4096), b""], ids=["zeros", "empty"])
+def test_create_exist_ok_finishes_an_abandoned_table(
+    make_name: Callable[[], str], data: bytes
+) -> None:
+    """A segment of ours that is empty or all zeros, whose flock nobody holds, is what a
+    creator killed while creating leaves: create(..., exist_ok=True) lays the table anew."""
+    name = make_name()
+    fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    try:
+        os.write(fd, data)
+        with shmkv.create(name, capacity=8, key_size=8, value_size=8, exist_ok=True,
+                          lock_timeout=SHORT_WAIT) as t:
+            t[b"k"] = b"v"
+            t.check()
+        with shmkv.attach(name) as again:
+            assert again[b"k"] == b"v"
+    finally:
+        os.close(fd)
