@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Callable
 
 import pytest
+from shmkv._core import lib
 
 import shmkv
 
@@ -76,23 +77,41 @@ def table(name: str) -> Iterator[shmkv.Table]:
     t.close()
 
 
-class Clock:
-    """The clock of deadlines in this process, stopped at `now` seconds and moved by hand."""
+def boot_clock_ns() -> int:
+    """The real clock of deadlines, as the C core reads it: CLOCK_BOOTTIME, in ns."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-        shmkv.Table._set_clock_for_testing(self.now)
+
+class Clock:
+    """The clock of deadlines in this process, stopped and moved by hand, in whole ns.
+
+    It stops where the real boot clock stands (or at start_ns), never at a fixed value: no
+    test may depend on how long ago the machine booted, and a process that runs on the real
+    clock reads about the same time. A child process that must see the stopped clock is
+    given `ns` and makes a Clock(ns) of its own: the stopped clock is per process, and a
+    spawned child does not inherit it. Whole ns, not float seconds, so that deadlines are
+    exact however large the clock's reading."""
+
+    def __init__(self, start_ns: int | None = None) -> None:
+        self.ns = boot_clock_ns() if start_ns is None else start_ns
+        lib.shmkv_testing_set_clock(self.ns)
 
     def advance(self, seconds: float) -> None:
-        self.now += seconds
-        shmkv.Table._set_clock_for_testing(self.now)
+        """Moves the clock on by seconds (converted to ns as a ttl is)."""
+        self.ns += seconds * 10**9 if type(seconds) is int else round(seconds * 1e9)
+        lib.shmkv_testing_set_clock(self.ns)
+
+    @staticmethod
+    def restart() -> None:
+        """Returns this process to the real clock."""
+        lib.shmkv_testing_set_clock(0)
 
 
 @pytest.fixture
 def clock() -> Iterator[Clock]:
     """Stops the clock of deadlines for one test (and restarts it afterwards)."""
     yield Clock()
-    shmkv.Table._set_clock_for_testing(None)
+    Clock.restart()
 
 
 @pytest.fixture(params=START_METHODS)

@@ -16,11 +16,10 @@ import signal
 import struct
 import time
 import zlib
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
-from conftest import JOIN_TIMEOUT, hold_lock, join_all
+from conftest import JOIN_TIMEOUT, Clock, hold_lock, join_all
 from shmkv._core import lib
 
 import shmkv
@@ -31,13 +30,16 @@ MAX_POINTS = 400  # far more crash points than any single mutation has
 
 BEFORE = {b"a": b"old-a", b"b": b"old-b", b"c": b"old-c", b"n": (5).to_bytes(8, "little")}
 
-# Mutations of expired keys run on a stopped clock (Table._set_clock_for_testing): keys are
-# set with a ttl at SET_AT and mutated at LATER, when they have expired.
-SET_AT, LATER = 1000.0, 2000.0
+# Every case runs on a stopped clock (conftest.Clock), started where the real boot clock
+# stands: the keys are set, then the clock moves on by LATER seconds, and the child that
+# mutates the table is handed the clock's reading, since a spawned child does not inherit a
+# stopped clock (on the real one, touch's deadline could lie before the parent's clock).
+LATER = 1000
 
 
 def with_expired(t: shmkv.Table) -> None:
-    """BEFORE, plus two keys that have expired by LATER (invisible, but still holding room)."""
+    """BEFORE, plus two keys that have expired LATER seconds on (invisible, but still
+    holding room)."""
     t.update(BEFORE)
     t.set(b"gone1", b"expired", ttl=1)
     t.set(b"gone2", b"expired", ttl=2)
@@ -48,9 +50,9 @@ class Case:
 
     def __init__(self, mutate: Callable[[shmkv.Table], Any], after: dict[bytes, bytes], *,
                  setup: Callable[[shmkv.Table], None] = lambda t: t.update(BEFORE),
-                 capacity: int = 7, on_full: str = "error", expired: bool = False) -> None:
+                 capacity: int = 7, on_full: str = "error") -> None:
         self.mutate, self.after, self.setup = mutate, after, setup
-        self.capacity, self.on_full, self.expired = capacity, on_full, expired
+        self.capacity, self.on_full = capacity, on_full
 
 
 MUTATIONS: dict[str, Case] = {
@@ -81,21 +83,19 @@ MUTATIONS: dict[str, Case] = {
     # The table is full of live and expired keys: the insert reclaims the expired room.
     "insert-reclaiming-expired": Case(lambda t: t.__setitem__(b"new", b"new-value"),
                                       {**BEFORE, b"new": b"new-value"}, setup=with_expired,
-                                      capacity=6, expired=True),
+                                      capacity=6),
     "insert-evicting-expired": Case(lambda t: t.__setitem__(b"new", b"new-value"),
                                     {**BEFORE, b"new": b"new-value"}, setup=with_expired,
-                                    capacity=6, on_full="evict", expired=True),
+                                    capacity=6, on_full="evict"),
     "replace-expired": Case(lambda t: t.__setitem__(b"gone1", b"back"),
-                            {**BEFORE, b"gone1": b"back"}, setup=with_expired, expired=True),
-    "purge-expired": Case(lambda t: t.purge_expired(), BEFORE, setup=with_expired,
-                          expired=True),
+                            {**BEFORE, b"gone1": b"back"}, setup=with_expired),
+    "purge-expired": Case(lambda t: t.purge_expired(), BEFORE, setup=with_expired),
 }
 
 
-def crash_during(name: str, mutation: str, points: int) -> None:
+def crash_during(name: str, mutation: str, points: int, now_ns: int) -> None:
     case = MUTATIONS[mutation]
-    if case.expired:
-        shmkv.Table._set_clock_for_testing(LATER)
+    Clock(now_ns)  # the parent's stopped clock, whatever the start method
     t = shmkv.attach(name)
     t._crash_after_for_testing(points)
     case.mutate(t)
@@ -111,14 +111,8 @@ def assert_old_or_new(t: shmkv.Table, before: dict, after: dict) -> None:
     assert len(t) == len(now)
 
 
-@pytest.fixture
-def stopped_clock() -> Iterator[None]:
-    yield
-    shmkv.Table._set_clock_for_testing(None)
-
-
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
-def test_crash_at_every_point_of_every_mutation(mp_context, make_name, stopped_clock,
+def test_crash_at_every_point_of_every_mutation(mp_context, make_name, clock,
                                                 mutation: str) -> None:
     case = MUTATIONS[mutation]
     crashes = 0
@@ -127,10 +121,10 @@ def test_crash_at_every_point_of_every_mutation(mp_context, make_name, stopped_c
         # Capacity 7 with 4 keys (16 slots): room for set-many's two and the probe.
         with shmkv.create(name, capacity=case.capacity, key_size=8, value_size=16,
                           on_full=case.on_full) as t:
-            shmkv.Table._set_clock_for_testing(SET_AT)
             case.setup(t)
-            shmkv.Table._set_clock_for_testing(LATER)
-            child = mp_context.Process(target=crash_during, args=(name, mutation, points))
+            clock.advance(LATER)
+            child = mp_context.Process(target=crash_during,
+                                       args=(name, mutation, points, clock.ns))
             child.start()
             (code,) = join_all([child])
             if code == 0:  # the mutation finished before its points-th crash point

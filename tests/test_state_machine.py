@@ -3,15 +3,15 @@ and the table must pass its full invariant check after every step.
 
 The table is small (capacity 8, 16 index slots) and the keys few, so that sequences often hit
 a full table, long probe chains, deletes in the middle of chains, and reused entries. Keys
-may carry a deadline; the clock of deadlines is stopped (Table._set_clock_for_testing) and
-moved by a rule of its own, so the model knows exactly which keys have expired. A second
-machine runs the same rules on an evicting table: there, an insert into a full table must
-evict exactly one live key other than its own, and say so."""
+may carry a deadline; the clock of deadlines is stopped (conftest.Clock, where the real boot
+clock stands) and moved by a rule of its own, so the model knows exactly which keys have
+expired. A second machine runs the same rules on an evicting table: there, an insert into a
+full table must evict exactly one live key other than its own, and say so."""
 
 from __future__ import annotations
 
 import hypothesis.strategies as st
-from conftest import unique_name
+from conftest import Clock, unique_name
 from hypothesis import event, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -21,7 +21,6 @@ CAPACITY = 8
 KEY_SIZE = 6
 VALUE_SIZE = 10
 SECOND = 10**9
-START = 1000 * SECOND
 
 keys = st.binary(max_size=2).map(lambda b: b"k" + b)  # 1..3 bytes, few distinct
 values = st.binary(max_size=VALUE_SIZE)
@@ -38,13 +37,13 @@ class TableMachine(RuleBasedStateMachine):
         self.name = unique_name("shmkv-sm")
         self.table = shmkv.create(self.name, capacity=CAPACITY, key_size=KEY_SIZE,
                                   value_size=VALUE_SIZE, on_full=self.ON_FULL)
-        self.now = START
-        shmkv.Table._set_clock_for_testing(self.now / SECOND)
+        self.clock = Clock()
+        self.now = self.clock.ns
         # key -> (value, deadline in ns or None); only live keys (see _live)
         self.model: dict[bytes, tuple[bytes, int | None]] = {}
 
     def teardown(self) -> None:
-        shmkv.Table._set_clock_for_testing(None)
+        Clock.restart()
         self.table.unlink()
         self.table.close()
 
@@ -206,8 +205,8 @@ class TableMachine(RuleBasedStateMachine):
 
     @rule(step=steps)
     def advance_clock(self, step: int) -> None:
-        self.now += step
-        shmkv.Table._set_clock_for_testing(self.now / SECOND)
+        self.clock.advance(step / SECOND)
+        self.now = self.clock.ns
 
     @rule(key=keys, ttl=st.sampled_from([1, 2, 3, 5]), touch=st.booleans())
     def touch_or_expire(self, key: bytes, ttl: int, touch: bool) -> None:
