@@ -8,12 +8,14 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from ._open import attach, create
 from ._redis import RedisTable, client_from_url
+from ._segment import check_name
 from ._table import Table
 
 AnyTable = Union[Table, RedisTable]
 
 _CREATE = ("capacity", "key_size", "value_size", "on_full")
-_SHM_OPTIONS = (*_CREATE, "lock_timeout")
+_OWNER = ("user", "group", "mode")
+_SHM_OPTIONS = (*_CREATE, "lock_timeout", *_OWNER)
 _NUMBERS = {"capacity": int, "key_size": int, "value_size": int, "lock_timeout": float}
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -25,7 +27,8 @@ def connect(url: str, **options: Any) -> AnyTable:
       optionally ``key_size``, ``value_size``, ``on_full``) it creates the table if it does
       not exist yet, race-free among processes that all do this (``create(...,
       exist_ok=True)``): ``shm://sessions?capacity=100000&value_size=4096&on_full=evict``.
-      ``lock_timeout`` is passed on.
+      ``lock_timeout`` is passed on, and so are ``user``, ``group`` and ``mode`` (octal),
+      whom the table must belong to (see create() and attach()).
     - ``redis://[USER:PASSWORD@]HOST[:PORT][/DB]?name=NAME``, ``rediss://...`` (TLS) or
       ``unix:///PATH/redis.sock?db=DB&name=NAME``: a :class:`RedisTable` whose keys are
       NAME:key in that database, through redis-py (``pip install 'shmkv[redis]'``).
@@ -63,6 +66,7 @@ def _connect_shm(url: str, name: str, query: dict[str, Any]) -> Table:
     name = unquote(name)
     if not name:
         raise ValueError(f"{url!r} names no table: shm://NAME")
+    check_name(name)
     query = _numbers(url, query)
     if "capacity" in query:
         return create(name, exist_ok=True, **query)

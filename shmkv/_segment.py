@@ -174,7 +174,9 @@ class Owner:
             wrong.append(f"its mode {granted:04o} grants more than {self.mode:04o}")
         if wrong:
             raise UntrustedTable(
-                f"refusing table {name!r}: {'; '.join(wrong)}. Whoever can write a table can "
+                f"refusing table {name!r} (owner {user_name(st.st_uid)}, group "
+                f"{group_name(st.st_gid)}, mode {granted:04o}): {'; '.join(wrong)}. "
+                "Whoever can write a table can "
                 "forge what every process reads from it. If it is not yours, choose another "
                 "name or have its owner (or root) remove it; if you trust it, pass its owner "
                 "as user= (and group=, mode=)"
