@@ -862,3 +862,27 @@ def test_create_exist_ok_finishes_an_abandoned_table(
             assert again[b"k"] == b"v"
     finally:
         os.close(fd)
+
+
+def test_an_unclosed_table_in_a_garbage_cycle_goes_quietly(name: str) -> None:
+    """The cyclic garbage collector finalizes the objects of a cycle in no set order; the
+    segment's finalizer used to run before the Table's and print "Exception ignored in
+    SharedMemory.__del__ ... BufferError" (cffi still exported the mapping)."""
+    import gc
+
+    unraisable: list[Any] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        for _ in range(20):
+            t = shmkv.create(name, capacity=8, key_size=8, value_size=8)
+            t[b"k"] = b"v"
+            t.unlink()
+            cycle: list[Any] = [t]
+            cycle.append(cycle)
+            t.cycle = cycle  # type: ignore[attr-defined]
+            del t, cycle
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert [u.exc_value for u in unraisable] == []
