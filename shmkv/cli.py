@@ -26,8 +26,9 @@ ASCII, and the backslash, as \xNN; in messages, unprintable characters as \xNN o
 `--raw` is the one exception: it writes the bytes of the one value asked for. KEY and P take
 the same escapes back (\xNN, and \\ for a backslash).
 
-The listing shows the shmkv tables in /dev/shm and the unfinished ones: empty, or never marked
-ready by their creator (which may have died while creating them; `--unlink` removes them).
+The listing shows the shmkv tables in /dev/shm, the unfinished ones (empty, or never marked
+ready by their creator, which may have died while creating them: `--unlink` removes them)
+and the incompatible ones (shmkv's magic, but another format version or a damaged header).
 Any other file there (other programs' segments, semaphores, names that are not valid table
 names, files the caller may not read) is not listed, only counted in a last line; `--all`
 lists those too, with the reason, their names escaped.
@@ -236,7 +237,8 @@ _ROW_KEYS = ("name", "capacity", "len", "fill", "segment_size", "resident_bytes"
 
 def _list_row(entry: str, lock_timeout: float) -> dict[str, Any] | None:
     """What the listing says of one file in /dev/shm: status "table", "unfinished" or
-    "other" (with a reason); None if it vanished meanwhile."""
+    "incompatible" (a shmkv table this build cannot read: another format version, damaged)
+    or "other" (with a reason); None if it vanished meanwhile."""
     path = os.path.join(SHM_DIR, entry)
     try:
         st = os.lstat(path)
@@ -264,7 +266,9 @@ def _list_row(entry: str, lock_timeout: float) -> dict[str, Any] | None:
     except IncompatibleTable as exc:
         if _unfinished(exc):
             return {**row, "status": "unfinished"}
-        return other(f"not a shmkv table: {exc}")
+        if _has_magic(path):
+            return {**row, "status": "incompatible", "reason": clean(str(exc))}
+        return other(str(exc))
     except PermissionError:
         return other("permission denied")
     except (Error, OSError, ValueError) as exc:
@@ -277,6 +281,22 @@ def _list_row(entry: str, lock_timeout: float) -> dict[str, Any] | None:
     finally:
         t.close()
     return {**{k: d[k] for k in _ROW_KEYS}, "size": st.st_size, "status": "table"}
+
+
+_MAGIC = b"SHMKVTB1"  # the first 8 bytes of every table: SHMKV_MAGIC in csrc/layout.h
+
+
+def _has_magic(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        return os.pread(fd, len(_MAGIC), 0) == _MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _unfinished(exc: IncompatibleTable) -> bool:
@@ -326,13 +346,15 @@ def format_list(rows: list[dict[str, Any]], others: int) -> str:
                          f"{_size(r['resident_bytes']):>11}  {whose:<16} {creator}"
                          + ("  BROKEN" if r["broken"] else ""))
             continue
-        what = ("UNFINISHED: never made ready (did its creator die?); --unlink removes it"
-                if r["status"] == "unfinished" else f"NOT SHMKV: {r['reason']}")
+        what = {"unfinished": "UNFINISHED: never made ready (did its creator die?); "
+                              "--unlink removes it",
+                "incompatible": f"INCOMPATIBLE: {r.get('reason')}"}.get(
+                    r["status"], f"NOT SHMKV: {r.get('reason')}")
         lines.append(f"{r['name']:<32} {'-':>10} {'-':>10} {'-':>6} "
                      f"{_size(r.get('size')):>11} {'':>11}  {whose:<16} {what}")
     if others:
         lines.append(f"(not shown: {others:,} other file{'s' if others != 1 else ''} in "
-                     f"{SHM_DIR}; --all lists them)")
+                     f"{SHM_DIR}; --all lists {'them' if others != 1 else 'it'})")
     return "\n".join(lines)
 
 
@@ -402,8 +424,9 @@ Inspect the shmkv tables on this machine; root sees every user's. Inspecting cha
 nothing (only --unlink NAME --yes does). Whatever comes from a table or from /dev/shm is
 printed escaped (\\xNN), except the one value that --raw writes.
 
-The listing shows each shmkv table with its OWNER (user and mode), and the unfinished ones
-(empty, or never marked ready by a creator that may have died: --unlink removes them).
+The listing shows each shmkv table with its OWNER (user and mode), the unfinished ones
+(empty, or never marked ready by a creator that may have died: --unlink removes them) and
+the incompatible ones (another format version, or a damaged header).
 Other files in /dev/shm, names that are not valid table names among them, are only
 counted; --all lists them too, names escaped."""
 

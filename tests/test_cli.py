@@ -74,13 +74,28 @@ def test_list_skips_foreign_segments(make_name, capsys) -> None:
         assert main(["--json"]) == 0
         assert foreign not in {r["name"] for r in json.loads(capsys.readouterr().out)}
         assert main([]) == 0
-        assert "--all lists them" in capsys.readouterr().out
+        assert "--all lists" in capsys.readouterr().out
         assert main(["--all", "--json"]) == 0
         row = next(r for r in json.loads(capsys.readouterr().out) if r["name"] == foreign)
-        assert row["status"] == "other" and "not a shmkv table" in row["reason"]
+        assert row["status"] == "other" and "magic" in row["reason"]
     finally:
         seg.close()
         seg.unlink()
+
+
+def test_list_shows_incompatible_tables(make_name, capsys) -> None:
+    """A segment with shmkv's magic that this build cannot read (another format version,
+    a damaged header) is shmkv's: listed, as incompatible, with the reason."""
+    other_version = make_name()
+    with open(shm_file(other_version, 4096), "r+b") as f:
+        f.write(b"SHMKVTB1" + b"\xff" * 4088)
+    assert main(["--json"]) == 0
+    row = next(r for r in json.loads(capsys.readouterr().out) if r["name"] == other_version)
+    assert row["status"] == "incompatible" and row["reason"]
+    assert main([]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines()
+                if row.startswith(other_version))
+    assert "INCOMPATIBLE: " in line and f"{ME} 0600" in line
 
 
 def test_one_table(filled, capsys) -> None:
