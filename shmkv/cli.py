@@ -50,7 +50,7 @@ from typing import Any, Callable, NoReturn
 
 from . import _open as opening
 from . import _segment, _table
-from .errors import CheckFailed, Error, IncompatibleTable, LockTimeout
+from .errors import CheckFailed, Error, IncompatibleTable, LockError, LockTimeout
 
 SHM_DIR = "/dev/shm"
 DEFAULT_LOCK_TIMEOUT = 0.5  # seconds one read waits for a lock another process holds
@@ -199,7 +199,7 @@ def summary(t: _table.Table, wait: bool = True) -> dict[str, Any]:
     for): it then reads the counters without it, as it does at once with wait=False."""
     try:
         stats = t.stats(wait=wait)
-    except LockTimeout:
+    except (LockTimeout, LockError):
         stats = t.stats(wait=False)
     st = _fstat(t)
     return {
@@ -219,7 +219,7 @@ def describe(t: _table.Table) -> dict[str, Any]:
     holder = int(lib.shmkv_lock_owner(t._h))
     try:
         probes: list[int] | None = t.probe_lengths()
-    except LockTimeout:
+    except (LockTimeout, LockError):
         probes = None
     return {
         **summary(t, wait=probes is not None),
