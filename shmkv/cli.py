@@ -264,9 +264,10 @@ def _list_row(entry: str, lock_timeout: float) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except IncompatibleTable as exc:
-        if _unfinished(exc):
+        head = _head(path)  # tells shmkv's own files from those of another program
+        if head in (_MAGIC, bytes(len(_MAGIC))) and _unfinished(exc):
             return {**row, "status": "unfinished"}
-        if _has_magic(path):
+        if head == _MAGIC:
             return {**row, "status": "incompatible", "reason": clean(str(exc))}
         return other(str(exc))
     except PermissionError:
@@ -286,15 +287,17 @@ def _list_row(entry: str, lock_timeout: float) -> dict[str, Any] | None:
 _MAGIC = b"SHMKVTB1"  # the first 8 bytes of every table: SHMKV_MAGIC in csrc/layout.h
 
 
-def _has_magic(path: str) -> bool:
+def _head(path: str) -> bytes | None:
+    """The first 8 bytes of a file (where a table has its magic, or zeros until its creator
+    writes it); None if they cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
-        return False
+        return None
     try:
-        return os.pread(fd, len(_MAGIC), 0) == _MAGIC
+        return os.pread(fd, len(_MAGIC), 0)
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
 

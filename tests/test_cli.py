@@ -297,21 +297,26 @@ def test_help_lists_the_exit_codes(capsys) -> None:
 def test_the_listing_never_waits_for_unfinished_files(make_name, monkeypatch, capsys) -> None:
     """20 files that creators left unfinished (10 empty, 10 sized and never marked ready)
     and one whose creator is at work (it holds the flock) are listed as unfinished at once:
-    nothing waits for them (the back-off between tries fails the test)."""
+    nothing waits for them (the back-off between tries fails the test). Another program's
+    file that it happens to flock is not taken for an unfinished table."""
     def no_waiting(attempt: int) -> None:
         raise AssertionError("the listing waited for an unfinished table")
 
     monkeypatch.setattr(_segment, "back_off", no_waiting)
     names = [os.path.basename(shm_file(make_name(), 0 if i < 10 else 4096)) for i in range(20)]
-    busy = make_name()
+    busy, foreign = make_name(), make_name()
     fd = os.open(shm_file(busy, 4096), os.O_RDWR)
+    foreign_fd = os.open(shm_file(foreign, 4096), os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        assert main(["--json"]) == 0
+        os.pwrite(foreign_fd, b"NOTOURS!", 0)  # another program's, which flocks it too
+        fcntl.flock(foreign_fd, fcntl.LOCK_EX)
+        assert main(["--json", "--all"]) == 0
         rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
         for name in [*names, busy]:
             assert rows[name]["status"] == "unfinished", rows[name]
             assert (rows[name]["owner"], rows[name]["mode"]) == (ME, "0600")
+        assert rows[foreign]["status"] == "other"
         assert main([]) == 0
         out = capsys.readouterr().out
         assert out.count("UNFINISHED") >= 21
@@ -319,6 +324,7 @@ def test_the_listing_never_waits_for_unfinished_files(make_name, monkeypatch, ca
         assert "never finished" in capsys.readouterr().err
     finally:
         os.close(fd)
+        os.close(foreign_fd)
 
 
 def test_inspecting_a_locked_table_changes_nothing(filled, mp_context, capsys) -> None:
