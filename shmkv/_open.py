@@ -191,6 +191,14 @@ class _Unfinished(Exception):
     pass
 
 
+def _unfinished(message: str) -> IncompatibleTable:
+    """IncompatibleTable for a table that is not (or not yet) finished: code SHMKV_ENOTREADY,
+    as the C core says of a header not marked ready."""
+    exc = IncompatibleTable(message)
+    exc.code_name = "SHMKV_ENOTREADY"
+    return exc
+
+
 def _open(name: str, fd: int, timeout: float) -> Table:
     """The table in the file fd, whose flock the caller holds; _Unfinished if its header was
     never marked ready (with the flock held, that means its creator died)."""
@@ -241,12 +249,12 @@ def attach(
             except LockTimeout:
                 if not _inspect:
                     raise
-                raise IncompatibleTable(f"table {name!r} is being created") from None
+                raise _unfinished(f"table {name!r} is being created") from None
             if os.fstat(fd).st_size != 0:
                 try:
                     table = _open(name, fd, timeout)
                 except _Unfinished:
-                    raise IncompatibleTable(
+                    raise _unfinished(
                         f"table {name!r} was never finished: its creator died while creating "
                         f"it; create(..., exist_ok=True) lays it anew, shmkv.unlink({name!r}) "
                         "removes it") from None
@@ -254,7 +262,7 @@ def attach(
                     table._make_observer()
                 return table
             if _inspect or time.monotonic() >= deadline:
-                raise IncompatibleTable(
+                raise _unfinished(
                     f"table {name!r} was never finished: its segment is empty (its creator "
                     f"died before sizing it, or it is no table); shmkv.unlink({name!r}) "
                     "removes it")
