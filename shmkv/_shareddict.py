@@ -1,10 +1,20 @@
 """SharedDict: a table seen as a ``MutableMapping[str, Any]``, values through a codec.
 
-Keys are str (UTF-8 in the table); values go through ``codec.dumps`` / ``codec.loads``:
-pickle by default; json, str (UTF-8 text) or bytes (stored as they are) by name; or any object
-with those two methods. Every operation is the table's one atomic operation on the encoded
-bytes; the read-modify-write ones (incr, compare_and_swap) loop on the table's
-compare-and-swap, so they are atomic too. Expiry (ttl, touch, expire) is the table's.
+Values go through ``codec.dumps`` / ``codec.loads``: pickle by default; json, str (UTF-8
+text) or bytes (stored as they are) by name; or any object with those two methods. Every
+operation is the table's one atomic operation on the encoded bytes; the read-modify-write ones
+(incr, compare_and_swap) loop on the table's compare-and-swap, so they are atomic too. Expiry
+(ttl, touch, expire) is the table's.
+
+Keys are str, stored as their UTF-8 bytes: one str is one key, and any process in any language
+reads it alike. A str with no UTF-8 form (lone surrogates, as ``os.fsdecode`` or the
+``surrogateescape`` error handler make of bytes that are not UTF-8) raises
+``UnicodeEncodeError`` and changes nothing; ``surrogateescape`` would store ``'\\udcc3\\udcbf'``
+and ``'\\xff'`` as the same two bytes. A key that is not UTF-8, written through the bytes
+:class:`Table`, is no SharedDict key: iterating the keys or items (``list(d)``, ``dict(d)``)
+raises ``UnicodeDecodeError`` naming it, rather than skip it or show it as another key;
+``popitem`` passes over it, ``len`` counts it, ``values`` include its value and ``clear``
+removes it. Read or remove it through the Table.
 
 Pickle is as trusted as every process that can write the segment: a process that can write
 the table can make every reader run code. Choose json where that is not acceptable.
@@ -109,16 +119,6 @@ def _codec(codec: str | Codec) -> Codec:
     return codec
 
 
-def _key(key: object) -> bytes:
-    if not isinstance(key, str):
-        raise TypeError(f"SharedDict keys must be str, not {type(key).__name__}")
-    return key.encode("utf-8", "surrogateescape")
-
-
-def _text(key: bytes) -> str:
-    return key.decode("utf-8", "surrogateescape")
-
-
 class SharedDict(MutableMapping[str, Any]):
     """A dict of str keys and encoded values over a :class:`Table` (or a RedisTable)."""
 
@@ -130,6 +130,30 @@ class SharedDict(MutableMapping[str, Any]):
         self._dumps = self.codec.dumps
         self._loads = self.codec.loads
 
+    def _key(self, key: object) -> bytes:
+        """key as the table holds it: its UTF-8 bytes. TypeError if it is not a str;
+        UnicodeEncodeError (a ValueError) if it has no UTF-8 form."""
+        if not isinstance(key, str):
+            raise TypeError(f"table {self.table.name!r}: SharedDict keys are str, "
+                            f"not {type(key).__name__}")
+        try:
+            return key.encode()
+        except UnicodeEncodeError as e:
+            raise UnicodeEncodeError(
+                "utf-8", key, e.start, e.end,
+                f"a lone surrogate is no text, and table {self.table.name!r} keeps SharedDict "
+                "keys as UTF-8 (decode bytes strictly, or use the Table's bytes keys)") from None
+
+    def _text(self, key: bytes) -> str:
+        """A key the table holds as str; UnicodeDecodeError, naming it, if it is not UTF-8."""
+        try:
+            return key.decode()
+        except UnicodeDecodeError as e:
+            raise UnicodeDecodeError(
+                "utf-8", key, e.start, e.end,
+                f"table {self.table.name!r} holds {key!r}, a key written through the Table "
+                "and no SharedDict key; read or remove it there") from None
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (SharedDict, (self.table, self.codec))
 
@@ -138,59 +162,68 @@ class SharedDict(MutableMapping[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         try:
-            data = self.table[_key(key)]
+            data = self.table[self._key(key)]
         except KeyError:
             raise KeyError(key) from None
         return self._loads(data)
 
     def get(self, key: str, default: Any = None) -> Any:
-        data = self.table.get(_key(key))
+        data = self.table.get(self._key(key))
         return default if data is None else self._loads(data)
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self.table.set(_key(key), self._dumps(value))
+        self.table.set(self._key(key), self._dumps(value))
 
     def set(self, key: str, value: Any, ttl: TTL = None, *, keep_ttl: bool = False) -> bool:
         """Stores value, expiring after ttl seconds (see Table.set); True if a live key was
         evicted to make room."""
-        return self.table.set(_key(key), self._dumps(value), ttl, keep_ttl=keep_ttl)
+        return self.table.set(self._key(key), self._dumps(value), ttl, keep_ttl=keep_ttl)
 
     def add(self, key: str, value: Any, ttl: TTL = None) -> bool:
         """Stores value only if key is absent; True if it was stored."""
-        return self.table.add(_key(key), self._dumps(value), ttl)
+        return self.table.add(self._key(key), self._dumps(value), ttl)
 
     def ttl(self, key: str) -> float | None:
         """Seconds until key expires, None if never; KeyError if absent."""
         try:
-            return self.table.ttl(_key(key))
+            return self.table.ttl(self._key(key))
         except KeyError:
             raise KeyError(key) from None
 
     def touch(self, key: str, ttl: TTL) -> bool:
         """Sliding expiry: key now expires ttl seconds from now, and counts as used."""
-        return self.table.touch(_key(key), ttl)
+        return self.table.touch(self._key(key), ttl)
 
     def expire(self, key: str, ttl: TTL) -> bool:
         """key now expires ttl seconds from now (None: never); False if absent."""
-        return self.table.expire(_key(key), ttl)
+        return self.table.expire(self._key(key), ttl)
 
     def purge_expired(self) -> int:
         return self.table.purge_expired()
 
     def __delitem__(self, key: str) -> None:
         try:
-            del self.table[_key(key)]
+            del self.table[self._key(key)]
         except KeyError:
             raise KeyError(key) from None
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and _key(key) in self.table
+        if not isinstance(key, str):
+            return False
+        try:
+            bkey = key.encode()
+        except UnicodeEncodeError:
+            return False  # no such key can be stored
+        return bkey in self.table
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __iter__(self) -> Iterator[str]:
-        return (_text(key) for key in self.table)
+        """One snapshot of the keys, all decoded before the first is returned:
+        UnicodeDecodeError, and no key, if the table holds one that is not UTF-8."""
+        text = self._text
+        return iter([text(key) for key in self.table])
 
     def items(self) -> ItemsView[str, Any]:
         return _Items(self)
@@ -199,7 +232,7 @@ class SharedDict(MutableMapping[str, Any]):
         return _Values(self)
 
     def pop(self, key: str, default: Any = _MISSING) -> Any:
-        data = self.table.pop(_key(key), None)
+        data = self.table.pop(self._key(key), None)
         if data is None:
             if default is _MISSING:
                 raise KeyError(key)
@@ -207,11 +240,22 @@ class SharedDict(MutableMapping[str, Any]):
         return self._loads(data)
 
     def popitem(self) -> tuple[str, Any]:
-        key, data = self.table.popitem()
-        return _text(key), self._loads(data)
+        """Removes and returns some (key, value), passing over keys that are not UTF-8;
+        KeyError if the table is empty, UnicodeDecodeError if it holds only such keys."""
+        while True:
+            keys = list(self.table)
+            if not keys:
+                raise KeyError(f"popitem(): table {self.table.name!r} is empty")
+            texts = [key for key in keys if _is_utf8(key)]
+            if not texts:
+                self._text(keys[0])  # not UTF-8: raises, naming it
+            for bkey in texts:
+                data = self.table.pop(bkey, None)
+                if data is not None:  # None: another process took it first
+                    return bkey.decode(), self._loads(data)
 
     def setdefault(self, key: str, default: Any = None) -> Any:
-        bkey = _key(key)
+        bkey = self._key(key)
         data = self.table.get(bkey)
         if data is None:  # encode the default only when it may be stored
             data = self.table.setdefault(bkey, self._dumps(default))
@@ -225,14 +269,15 @@ class SharedDict(MutableMapping[str, Any]):
         self.set_many(pairs)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        found = self.table.get_many([_key(key) for key in keys])
-        return {_text(key): self._loads(data) for key, data in found.items()}
+        named = {self._key(key): key for key in keys}
+        found = self.table.get_many(list(named))
+        return {named[bkey]: self._loads(data) for bkey, data in found.items()}
 
     def set_many(
         self, mapping: Mapping[str, Any] | Iterable[tuple[str, Any]], ttl: TTL = None
     ) -> None:
         pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
-        self.table.set_many({_key(key): self._dumps(value) for key, value in pairs}, ttl)
+        self.table.set_many({self._key(key): self._dumps(value) for key, value in pairs}, ttl)
 
     def compare_and_swap(
         self, key: str, expected: Any, new: Any, ttl: TTL = None, *, keep_ttl: bool = False
@@ -240,7 +285,7 @@ class SharedDict(MutableMapping[str, Any]):
         """Stores new if the value of key equals (==) expected; True if it did. Compares
         decoded values, since equal values need not encode to equal bytes. ttl and keep_ttl
         as in Table.set."""
-        bkey = _key(key)
+        bkey = self._key(key)
         encoded = self._dumps(new)
         if keep_ttl:
             _keep_flags(ttl)
@@ -257,13 +302,14 @@ class SharedDict(MutableMapping[str, Any]):
         """Adds delta to the int stored under key (absent: initial, expiring after ttl
         seconds; an existing value keeps its deadline) and returns the result, atomically
         across processes."""
-        bkey = _key(key)
+        bkey = self._key(key)
         _ttl_ns(ttl)  # a bad ttl fails whether or not the counter exists
         while True:
             data = self.table.get(bkey)
             current = initial if data is None else self._loads(data)
             if isinstance(current, bool) or not isinstance(current, int):
-                raise TypeError(f"value of {key!r} is a {type(current).__name__}, not an int")
+                raise TypeError(f"table {self.table.name!r}: the value of {key!r} is a "
+                                f"{type(current).__name__}, not an int")
             result = current + delta
             encoded = self._dumps(result)
             if data is None:
@@ -286,12 +332,23 @@ class SharedDict(MutableMapping[str, Any]):
         self.close()
 
 
+def _is_utf8(key: bytes) -> bool:
+    try:
+        key.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class _Items(ItemsView[str, Any]):
     _mapping: SharedDict
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        loads = self._mapping._loads
-        return ((_text(k), loads(v)) for k, v in self._mapping.table.items())
+        # One snapshot; every key decoded (or the UnicodeDecodeError raised) before the first
+        # value is, since a value may take much longer to load than a key to decode.
+        text, loads = self._mapping._text, self._mapping._loads
+        pairs = [(text(k), v) for k, v in self._mapping.table.items()]
+        return ((k, loads(v)) for k, v in pairs)
 
 
 class _Values(ValuesView[Any]):

@@ -60,15 +60,19 @@ def test_add_incr_cas_and_batches(shared: shmkv.SharedDict) -> None:
     assert shared["k"] == {"v": 2}
     shared.set_many({"x": 1, "y": [2]})
     assert shared.get_many(["x", "y", "z"]) == {"x": 1, "y": [2]}
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError) as info:
         shared.incr("k")
+    assert str(info.value) == (f"table {shared.table.name!r}: the value of 'k' is a dict, "
+                               "not an int")
 
 
 def test_keys_must_be_str(shared: shmkv.SharedDict) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError) as info:
         shared[b"bytes"] = 1  # type: ignore[index]
+    assert str(info.value) == f"table {shared.table.name!r}: SharedDict keys are str, not bytes"
     with pytest.raises(TypeError):
         shared[1] = 1  # type: ignore[index]
+    assert b"bytes" not in shared and 1 not in shared and len(shared) == 0
 
 
 def test_oversize_encoded_value_names_the_limit(shared: shmkv.SharedDict) -> None:
@@ -81,6 +85,69 @@ def test_oversize_encoded_value_names_the_limit(shared: shmkv.SharedDict) -> Non
 def test_unicode_keys_round_trip(shared: shmkv.SharedDict) -> None:
     shared["clé-ключ-鍵"] = "ok"
     assert list(shared) == ["clé-ключ-鍵"]
+    assert "clé-ключ-鍵".encode() in shared.table  # UTF-8, as any language reads it
+
+
+# 'ÿ' is b"\xc3\xbf" in UTF-8; surrogateescape made the same two bytes of '\udcc3\udcbf'.
+LONE_SURROGATES = ["\udcc3\udcbf", "\udcff", "a\ud800b"]
+
+
+@pytest.mark.parametrize("bad", LONE_SURROGATES)
+def test_a_key_without_utf8_form_is_refused_and_changes_nothing(shared: shmkv.SharedDict,
+                                                                 bad: str) -> None:
+    """One str, one key: a str with lone surrogates is no text, so no key; every operation
+    that takes it raises (UnicodeEncodeError, a ValueError) before the table is touched."""
+    shared["ÿ"] = "y-diaeresis"
+    before = dict(shared.table.items())
+    for op in (lambda: shared.__setitem__(bad, "x"), lambda: shared[bad],
+               lambda: shared.get(bad), lambda: shared.set(bad, 1, ttl=5),
+               lambda: shared.add(bad, 1), lambda: shared.setdefault(bad, 1),
+               lambda: shared.pop(bad), lambda: shared.pop(bad, None),
+               lambda: shared.__delitem__(bad), lambda: shared.incr(bad),
+               lambda: shared.compare_and_swap(bad, "y-diaeresis", 1),
+               lambda: shared.touch(bad, 5), lambda: shared.expire(bad, 5),
+               lambda: shared.ttl(bad), lambda: shared.update({bad: 1}),
+               lambda: shared.set_many({"fine": 1, bad: 2}), lambda: shared.get_many([bad])):
+        with pytest.raises(UnicodeEncodeError) as info:
+            op()
+        assert isinstance(info.value, ValueError)
+        message = str(info.value)
+        assert "lone surrogate" in message and repr(shared.table.name) in message
+    assert bad not in shared
+    assert dict(shared.table.items()) == before and shared["ÿ"] == "y-diaeresis"
+
+
+def test_the_surrogateescape_twin_of_a_key_is_refused(shared: shmkv.SharedDict) -> None:
+    shared["ÿ"] = 1
+    with pytest.raises(UnicodeEncodeError):
+        shared["\udcc3\udcbf"] = 2
+    assert shared["ÿ"] == 1 and len(shared) == 1
+    assert "\udcc3\udcbf" not in shared
+
+
+def test_a_key_that_is_not_utf8_is_named_not_aliased(shared: shmkv.SharedDict) -> None:
+    """A key written through the bytes Table that is not UTF-8 is no SharedDict key:
+    iterating raises, naming it, instead of showing it as some str (surrogateescape showed
+    b"\xc3\xbf" and b"\xff" as keys that aliased others); what needs no key name still works."""
+    t = shared.table
+    shared["text"] = "kept"
+    t[b"\xff"] = shared._dumps("foreign")
+    for op in (lambda: list(shared), lambda: dict(shared), lambda: list(shared.items()),
+               lambda: list(shared.keys()), lambda: shared == {"text": "kept"}):
+        with pytest.raises(UnicodeDecodeError) as info:
+            op()
+        assert repr(t.name) in str(info.value) and "b'\\xff'" in str(info.value)
+    assert len(shared) == 2 and "text" in shared and "\udcff" not in shared
+    assert sorted(shared.values()) == ["foreign", "kept"]
+    assert shared.get_many(["text", "x"]) == {"text": "kept"}
+    assert shared.popitem() == ("text", "kept")  # passes over the foreign key
+    with pytest.raises(UnicodeDecodeError):  # only it is left: named, not popped
+        shared.popitem()
+    assert t[b"\xff"] == shared._dumps("foreign")
+    shared.clear()
+    assert len(shared) == 0 and list(shared) == []
+    with pytest.raises(KeyError, match="is empty"):
+        shared.popitem()
 
 
 def test_pickle_codec_takes_any_picklable(make_name) -> None:
