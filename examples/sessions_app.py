@@ -7,8 +7,10 @@
 Then open http://127.0.0.1:8000/, log in as ``ada`` with the password ``correct horse
 battery staple`` (or ``grace`` / ``tr0ub4dor&3``), and reload /admin: the X-Worker-Pid
 header (and the page) name the worker that answered, and every one of them knows you. Log out,
-and none does. SHMKV_URL names the table (the gunicorn config reads the same variable); with
-``redis://HOST:6379/0?name=sessions`` the same app keeps its sessions in Redis.
+and none does. The table is the gunicorn hooks': SHMKV_URL if set (the master puts the URL it
+used there for its workers), else their default table for the workers' user; with
+``SHMKV_URL=redis://HOST:6379/0?name=sessions`` the same app keeps its sessions in Redis.
+Run as root with ``--user nobody --group nogroup``, the master hands the table to that user.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from flask import Flask, redirect, request, session
 from werkzeug.security import check_password_hash
 
 from shmkv.contrib.flask import ShmkvSessionInterface
-from shmkv.contrib.gunicorn_conf import SHMKV_URL
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ BY_ID = {user.id: user for user in USERS}
 _NOBODY_HASH = USERS[0].password_hash
 
 app = Flask(__name__)
-app.session_interface = ShmkvSessionInterface(SHMKV_URL, ttl=30 * 60)
+app.session_interface = ShmkvSessionInterface(ttl=30 * 60)  # the gunicorn hooks' table
 app.config["SESSION_COOKIE_SECURE"] = os.environ.get("SESSION_COOKIE_SECURE") == "1"
 
 PAGE = """<!doctype html><title>shmkv sessions</title>

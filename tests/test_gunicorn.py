@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 from conftest import JOIN_TIMEOUT, join_all
 
 import shmkv
+from shmkv import _segment
 
 pytest.importorskip("gunicorn", reason="gunicorn is in the test extra: pip install -e '.[test]'")
 pytest.importorskip("flask", reason="Flask is in the test extra: pip install -e '.[test]'")
@@ -30,12 +32,18 @@ pytest.importorskip("flask", reason="Flask is in the test extra: pip install -e 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 WORKERS = 3
 ADA = urlencode({"login": "ada", "password": "correct horse battery staple"})
+NOBODY = 65534
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="workers of another user need a "
+                               "root master (gunicorn --user), and handing them the table a "
+                               "chown")
 
 
 class Server:
     """gunicorn running the example app on a loopback socket."""
 
-    def __init__(self, url: str, log: Path, *options: str) -> None:
+    def __init__(self, url: str, log: Path, *options: str, app: str = "sessions_app:app",
+                 pythonpath: tuple[Path, ...] = (), env: dict[str, str] | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(128)
@@ -46,8 +54,9 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", "python:shmkv.contrib.gunicorn_conf",
                  "--workers", str(WORKERS), "--bind", f"fd://{fd}", "--graceful-timeout", "5",
-                 "--pythonpath", str(EXAMPLES), *options, "sessions_app:app"],
-                env={**os.environ, "SHMKV_URL": url}, pass_fds=[fd], stdout=out, stderr=out)
+                 "--pythonpath", ",".join(map(str, (EXAMPLES, *pythonpath))), *options, app],
+                env={**os.environ, "SHMKV_URL": url, **(env or {})}, pass_fds=[fd, *pass_fds],
+                stdout=out, stderr=out)
 
     def request(self, method: str, path: str, sid: str | None = None,
                 body: str | None = None) -> tuple[int, int, str | None]:
@@ -231,11 +240,20 @@ def test_a_preloaded_app_and_a_reload_keep_the_sessions(make_name, tmp_path: Pat
 # ---------------------------------------------------------------------- the exit hook alone
 
 
-class FakeArbiter:
-    """What the hooks read of gunicorn's Arbiter."""
+class FakeConfig:
+    def __init__(self, uid: int, gid: int) -> None:
+        self.uid, self.gid = uid, gid
 
-    def __init__(self, reexec_pid: int = 0, master_pid: int = 0) -> None:
+
+class FakeArbiter:
+    """What the hooks read of gunicorn's Arbiter: the workers' user and group are gunicorn's
+    resolved ``user`` and ``group`` settings (the master's own by default)."""
+
+    def __init__(self, reexec_pid: int = 0, master_pid: int = 0, uid: int | None = None,
+                 gid: int | None = None) -> None:
         self.reexec_pid, self.master_pid = reexec_pid, master_pid
+        self.cfg = FakeConfig(os.geteuid() if uid is None else uid,
+                              os.getegid() if gid is None else gid)
         self.log = self
 
     def info(self, *args: object) -> None:
@@ -252,7 +270,7 @@ def test_the_exit_hook_keeps_a_table_an_upgrade_still_uses(monkeypatch, make_nam
     from shmkv.contrib import gunicorn_conf
 
     name = make_name()
-    monkeypatch.setattr(gunicorn_conf, "SHMKV_URL", f"shm://{name}?capacity=10")
+    monkeypatch.setenv("SHMKV_URL", f"shm://{name}?capacity=10")
     gunicorn_conf.on_starting(arbiter)
     gunicorn_conf.on_exit(arbiter)
     if removed:
@@ -278,6 +296,171 @@ def test_the_exit_hook_keeps_a_table_another_live_server_created(make_name,
 def start_and_exit(url: str) -> None:
     from shmkv.contrib import gunicorn_conf
 
-    gunicorn_conf.SHMKV_URL = url
+    os.environ["SHMKV_URL"] = url
     gunicorn_conf.on_starting(FakeArbiter())
     gunicorn_conf.on_exit(FakeArbiter())
+
+
+# ---------------------------------------------------------------------- workers of another user
+
+
+def _master(conn, killed: bool) -> None:
+    """A master whose workers run as nobody (gunicorn --user/--group): its on_starting; then
+    it is killed (no hook runs) or stops (on_exit). Sends the table's hit counter."""
+    from shmkv.contrib import gunicorn_conf
+
+    arbiter = FakeArbiter(uid=NOBODY, gid=NOBODY)
+    try:
+        gunicorn_conf.on_starting(arbiter)
+        conn.send(gunicorn_conf._table.incr(b"hits", 0))
+    except Exception as e:
+        conn.send(repr(e))
+    if killed:
+        os._exit(0)
+    gunicorn_conf.on_exit(arbiter)
+
+
+def _worker(conn) -> None:
+    """A worker: drops to nobody after the fork, as gunicorn's do, then connects to the URL
+    as the app does, with no owner named, and counts a hit."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    try:
+        with shmkv.connect(os.environ["SHMKV_URL"]) as t:
+            conn.send(t.incr(b"hits"))
+    except Exception as e:
+        conn.send(repr(e))
+
+
+def run_child(target, *args):
+    """Runs target(conn, *args) in a forked child; returns what it sent."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=target, args=(child, *args))
+    process.start()
+    got = parent.recv() if parent.poll(JOIN_TIMEOUT) else "timeout"
+    assert join_all([process]) == [0]
+    return got
+
+
+@ROOT_ONLY
+def test_the_master_hands_the_table_to_the_workers_user(make_name, monkeypatch) -> None:
+    name = make_name()
+    monkeypatch.setenv("SHMKV_URL", f"shm://{name}?capacity=10&key_size=64&value_size=256")
+    assert run_child(_master, True) == 0  # makes the table for nobody; then killed
+    st = os.stat(f"{_segment.SHM_DIR}/{name}")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (NOBODY, NOBODY, 0o600)
+    assert run_child(_worker) == 1
+    assert run_child(_worker) == 2
+    with pytest.raises(shmkv.UntrustedTable):
+        shmkv.attach(name)  # nobody's table: root takes it only when told whose it is
+    # A master that restarts attaches to it again (its sessions and all), and removes it.
+    assert run_child(_master, False) == 2
+    with pytest.raises(FileNotFoundError):
+        shmkv.attach(name, user=NOBODY)
+
+
+# The example app for workers that run as nobody: imported by the master as root
+# (--preload), with a module the workers would import lazily from the standard library,
+# which this machine keeps where nobody cannot read (a Python under /root).
+APP_FOR_NOBODY = """\
+import encodings.idna  # noqa: F401
+
+from sessions_app import app  # noqa: F401
+"""
+
+
+@ROOT_ONLY
+def test_a_real_gunicorn_hands_the_table_to_its_workers_user(make_name, tmp_path: Path) -> None:
+    name = make_name()
+    url = f"shm://{name}?capacity=100&key_size=64&value_size=1024"
+    (tmp_path / "app_for_nobody.py").write_text(APP_FOR_NOBODY)
+
+    def start(log: str) -> Server:
+        return Server(url, tmp_path / log, "--user", str(NOBODY), "--group", str(NOBODY),
+                      "--preload", app="app_for_nobody:app", pythonpath=(tmp_path,))
+
+    first = start("first.log")
+    try:
+        status, pid, sid = first.request("POST", "/login", body=ADA)
+        assert status == 303 and sid, first.log_text()
+        assert os.stat(f"/proc/{pid}").st_uid == NOBODY  # a worker of nobody stored it
+        st = os.stat(f"{_segment.SHM_DIR}/{name}")
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (NOBODY, NOBODY, 0o600)
+        # The server is killed outright: no hook runs, and the table stays.
+        workers = until(first.all_workers, "three workers", time.monotonic() + JOIN_TIMEOUT)
+        first.proc.kill()
+        for worker in workers:
+            try:
+                os.kill(worker, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    finally:
+        first.stop()
+    second = start("second.log")  # attaches to nobody's table again: the login is known
+    try:
+        status, _, _ = second.request("GET", "/admin", sid)
+        assert status == 200, second.log_text()
+    finally:
+        assert second.stop() == 0, second.log_text()
+    with pytest.raises(FileNotFoundError):
+        shmkv.attach(name, user=NOBODY)
+
+
+# ---------------------------------------------------------------------- an app that fails
+
+
+# Every worker says it is importing the app, then waits until the test lets them all fail
+# at once: the master halts at the first failure, and its shutdown (Arbiter.stop) reaps the
+# others, which failed too; that raises HaltServer again, out of halt(), before on_exit.
+# The workers block the SIGTERM that the shutdown sends them, so that each one's failure is
+# an exit with gunicorn's WORKER_BOOT_ERROR, never a death by that signal (which a worker
+# meets when it arrives during the interpreter's exit, after the handlers are gone).
+FAILING_APP = """\
+import os
+import signal
+
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+os.write(int(os.environ["READY_FD"]), b"x")
+os.read(int(os.environ["GO_FD"]), 1)
+raise RuntimeError("this app fails to import")
+"""
+
+
+def test_a_master_whose_workers_fail_to_boot_removes_the_table(make_name,
+                                                               tmp_path: Path) -> None:
+    name = make_name()
+    (tmp_path / "failing_app.py").write_text(FAILING_APP)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    try:
+        server = Server(f"shm://{name}?capacity=10", tmp_path / "gunicorn.log",
+                        app="failing_app:app", pythonpath=(tmp_path,),
+                        env={"READY_FD": str(ready_w), "GO_FD": str(go_r)},
+                        pass_fds=(ready_w, go_r))
+        os.close(ready_w)
+        os.close(go_r)
+        ready_w = go_r = -1
+        try:
+            deadline = time.monotonic() + JOIN_TIMEOUT
+            started = b""
+            with selectors.DefaultSelector() as selector:
+                selector.register(ready_r, selectors.EVENT_READ)
+                while len(started) < WORKERS and selector.select(deadline - time.monotonic()):
+                    started += os.read(ready_r, WORKERS)
+            assert len(started) == WORKERS, server.log_text()
+            shmkv.attach(name).close()  # the master made the table
+            os.write(go_w, b"x" * WORKERS)
+            code = server.proc.wait(JOIN_TIMEOUT)
+        finally:
+            server.stop()
+    finally:
+        for fd in (ready_r, ready_w, go_r, go_w):
+            if fd >= 0:
+                os.close(fd)
+    assert code != 0 and "Worker failed to boot" in server.log_text()
+    with pytest.raises(FileNotFoundError):
+        shmkv.attach(name)

@@ -3,7 +3,7 @@
 ::
 
     from shmkv.contrib.flask import ShmkvSessionInterface
-    app.session_interface = ShmkvSessionInterface("shm://sessions", ttl=1800)
+    app.session_interface = ShmkvSessionInterface(ttl=1800)  # the table: $SHMKV_URL
 
     @app.post("/login")
     def login():
@@ -26,7 +26,9 @@ not fit (TableFull, or ValueTooLarge past the table's value_size) fails its requ
 
 The store is a table, or a URL for :func:`shmkv.connect` that each process connects to on
 its first request: that works under gunicorn whether or not the app is imported before the
-workers fork (``preload_app``), and with ``redis://...?name=...`` on many machines.
+workers fork (``preload_app``), and with ``redis://...?name=...`` on many machines. Without
+one, it is the URL that the gunicorn hooks (:mod:`shmkv.contrib.gunicorn_conf`) use:
+``$SHMKV_URL``, or else their default table for this process's user.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.datastructures import CallbackDict
 
 from .._connect import AnyTable, connect
+from .gunicorn_conf import table_url
 
 #: The ids this interface makes: 43 characters of urlsafe base64, 256 random bits.
 _ID_BYTES = 32
@@ -82,9 +85,12 @@ class ShmkvSessionInterface(SessionInterface):
     """Server-side sessions in a shmkv table (or a RedisTable).
 
     ``store``: a table, or a URL for :func:`shmkv.connect` (connected once per process, on
-    first use). ``ttl``: seconds (or a timedelta) a session lives after its last request;
-    None takes the app's ``PERMANENT_SESSION_LIFETIME``. ``key_prefix``: prepended to the id
-    in the table, so that sessions can share a table with other data.
+    first use); None (the default) is the gunicorn hooks' URL, read at first use:
+    ``$SHMKV_URL``, or else their default table for this process's user
+    (:func:`shmkv.contrib.gunicorn_conf.table_url`). ``ttl``: seconds (or a timedelta) a
+    session lives after its last request; None takes the app's
+    ``PERMANENT_SESSION_LIFETIME``. ``key_prefix``: prepended to the id in the table, so that
+    sessions can share a table with other data.
 
     The cookie takes its name, domain, path and Secure flag from the app's ``SESSION_COOKIE_*``
     settings; it is always HttpOnly, and SameSite is the app's setting or else ``Lax``.
@@ -100,7 +106,7 @@ class ShmkvSessionInterface(SessionInterface):
 
     def __init__(
         self,
-        store: Store,
+        store: Store | None = None,
         *,
         ttl: float | timedelta | None = None,
         key_prefix: str = "session:",
@@ -113,9 +119,12 @@ class ShmkvSessionInterface(SessionInterface):
 
     @property
     def table(self) -> AnyTable:
-        """The table of this process: a URL is connected to on first use in each process."""
+        """The table of this process: a URL is connected to on first use in each process.
+        Raises ValueError when its keys are too short for session ids, and what
+        :func:`shmkv.connect` raises (FileNotFoundError, shmkv.UntrustedTable, ...)."""
         if self._pid != os.getpid():  # first use here, or a process forked since
-            table = connect(self._store) if isinstance(self._store, str) else self._store
+            store = table_url() if self._store is None else self._store
+            table = connect(store) if isinstance(store, str) else store
             needed = len(self._key("x" * _ID_LENGTH))
             if table.key_size is not None and table.key_size < needed:
                 raise ValueError(f"session keys take {needed} bytes, more than the key_size="
