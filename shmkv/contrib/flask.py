@@ -18,7 +18,9 @@
 The browser holds only a random id (256 bits from ``secrets``) in an HttpOnly, SameSite
 cookie; the session's data lives in the table under ``session:<id>``, as Flask's tagged JSON
 (dicts, lists, str, numbers, bytes, datetimes, tuples, UUIDs, Markup), and expires ``ttl``
-seconds after its last request (sliding expiry). A request that leaves a new session empty
+seconds after its last request (sliding expiry; a request that changes nothing moves the
+deadline only once a tenth of the ttl has passed, so that it reads without the table's lock:
+see ``refresh_after``). A request that leaves a new session empty
 stores nothing and sets no cookie; anonymous sessions that hold data (flashed messages, CSRF
 tokens, carts) take room like any other: size the table for them, or create it with
 ``on_full="evict"`` so that the least recently used sessions make room. A session that does
@@ -36,6 +38,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Union
 
@@ -52,11 +55,17 @@ _ID_BYTES = 32
 _ID_LENGTH = len(secrets.token_urlsafe(_ID_BYTES))
 _ID = re.compile(f"[A-Za-z0-9_-]{{{_ID_LENGTH}}}")
 
+#: A request that changes nothing moves its session's deadline once this fraction of the
+#: ttl (at least _MIN_REFRESH seconds) has passed since the session was last written.
+REFRESH_AFTER = 0.1
+_MIN_REFRESH = 1.0
+
 
 class ShmkvSession(CallbackDict, SessionMixin):  # type: ignore[type-arg]
     """A Flask session whose data lives in a shmkv table under a random id."""
 
-    def __init__(self, initial: Any = None, sid: str | None = None, stored: bytes | None = None):
+    def __init__(self, initial: Any = None, sid: str | None = None, stored: bytes | None = None,
+                 written: float = 0.0):
         def on_update(session: Any) -> None:
             session.modified = True
             session.accessed = True
@@ -66,9 +75,15 @@ class ShmkvSession(CallbackDict, SessionMixin):  # type: ignore[type-arg]
         #: The bytes this request read from the table (None for a new session): a save
         #: compares against them, to find what other requests changed meanwhile.
         self.stored = stored
+        #: When the stored bytes were written (wall clock, seconds): their deadline is ttl
+        #: later. A save of an unchanged session refreshes it only when this is old enough.
+        self.written = written
         self.new = sid is None
         self.modified = False
         self.regenerate_id = False
+        #: Set when a save raised: Flask's error handler saves again, and must not wait on
+        #: the table's lock a second time (nor store half of what failed).
+        self.save_failed = False
 
     def regenerate(self) -> None:
         """Moves the session to a new random id when the response is saved, and deletes the
@@ -92,6 +107,16 @@ class ShmkvSessionInterface(SessionInterface):
     ``PERMANENT_SESSION_LIFETIME``. ``key_prefix``: prepended to the id in the table, so that
     sessions can share a table with other data.
 
+    ``refresh_after``: a request that changes nothing writes nothing, unless this fraction
+    of the ttl (and at least one second) has passed since the session was last written; then
+    it moves the deadline to ttl from now. So most requests only read, without the table's
+    lock (a held lock stalls only the requests that write), at a price: a session expires
+    between (1 - refresh_after) × ttl and ttl after its last request, not exactly ttl after
+    it (27 to 30 minutes with the default 0.1 and a ttl of 30). 0 writes on every request.
+    The time of the last write is stored with the data (wall clock, so that several machines
+    sharing a Redis table agree on it); a clock that moves back by more than a second makes
+    the next request refresh.
+
     The cookie takes its name, domain, path and Secure flag from the app's ``SESSION_COOKIE_*``
     settings; it is always HttpOnly, and SameSite is the app's setting or else ``Lax``.
     A permanent session (``session.permanent = True``) gets a cookie that expires with the
@@ -110,12 +135,19 @@ class ShmkvSessionInterface(SessionInterface):
         *,
         ttl: float | timedelta | None = None,
         key_prefix: str = "session:",
+        refresh_after: float = REFRESH_AFTER,
     ) -> None:
+        """Raises ValueError unless 0 <= refresh_after < 1. The store is connected to (and
+        checked) on first use: see :attr:`table`."""
+        if not 0 <= refresh_after < 1:
+            raise ValueError(f"refresh_after={refresh_after!r}: a fraction of the ttl, at least "
+                             "0 and below 1")
         self._store = store
         self._pid = -1
         self._table: Any = None
         self.ttl = ttl
         self.key_prefix = key_prefix.encode()
+        self.refresh_after = refresh_after
 
     @property
     def table(self) -> AnyTable:
@@ -146,30 +178,63 @@ class ShmkvSessionInterface(SessionInterface):
             return datetime.now(timezone.utc) + self._ttl(app)
         return None
 
-    def _encode(self, data: dict[str, Any]) -> bytes:
-        return self.serializer.dumps(data).encode()
+    @staticmethod
+    def _now() -> float:
+        """The wall clock that dates each write of a session (the tests stop it)."""
+        return time.time()
 
-    def _decode(self, stored: bytes) -> dict[str, Any] | None:
-        """The session data in stored bytes; None for bytes that are not a session's."""
+    def _encode(self, data: dict[str, Any], written: float) -> bytes:
+        """What the table holds: [the time of this write in ms, the data], as tagged JSON."""
+        return self.serializer.dumps([round(written * 1000), data]).encode()
+
+    def _decode(self, stored: bytes) -> tuple[float, dict[str, Any]] | None:
+        """(when it was written, the session data) in stored bytes; None for bytes that are
+        not a session's. A bare dict (the data alone, as earlier versions stored it) was
+        written at 0, and so is refreshed by its next request."""
         try:
-            data = self.serializer.loads(stored.decode())
+            found = self.serializer.loads(stored.decode())
         except ValueError:  # not ours, or damaged
             return None
-        return data if isinstance(data, dict) else None
+        if isinstance(found, dict):
+            return 0.0, found
+        if isinstance(found, list) and len(found) == 2 and type(found[0]) is int \
+                and isinstance(found[1], dict):
+            return found[0] / 1000, found[1]
+        return None
+
+    def _data(self, stored: bytes | None) -> dict[str, Any]:
+        decoded = None if stored is None else self._decode(stored)
+        return {} if decoded is None else decoded[1]
 
     def open_session(self, app: Flask, request: Request) -> ShmkvSession:
+        """The session the request's cookie names, read without the table's lock; a new,
+        empty one if there is none. Raises what the table raises (TableClosed, LockTimeout
+        behind a writer that holds the lock too long, CorruptTable, ...)."""
         sid = request.cookies.get(self.get_cookie_name(app))
         # Anything but an id of ours is never looked up: a cookie is attacker-supplied.
         if sid and _ID.fullmatch(sid):
             stored = self.table.get(self._key(sid))
-            data = None if stored is None else self._decode(stored)
-            if data is not None:
-                return self.session_class(data, sid=sid, stored=stored)
+            decoded = None if stored is None else self._decode(stored)
+            if decoded is not None:
+                return self.session_class(decoded[1], sid=sid, stored=stored,
+                                          written=decoded[0])
         return self.session_class()
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
-        assert isinstance(session, ShmkvSession)
-        table, ttl = self.table, self._ttl(app)
+        """Stores what the request changed, and sets or deletes the cookie. Raises what the
+        table raises (TableFull, ValueTooLarge, LockTimeout, ...), once: when Flask's error
+        handler calls it again for the same session, it does nothing; nor does it for a
+        session that open_session did not make (open_session raised)."""
+        if not isinstance(session, ShmkvSession) or session.save_failed:
+            return
+        try:
+            self._save(app, session, response)
+        except Exception:
+            session.save_failed = True
+            raise
+
+    def _save(self, app: Flask, session: ShmkvSession, response: Response) -> None:
+        ttl = self._ttl(app)
         cookie = self._cookie_options(app)
         if session.accessed:
             response.vary.add("Cookie")
@@ -177,7 +242,7 @@ class ShmkvSessionInterface(SessionInterface):
         if not session:
             if session.modified:  # this request emptied it: a logout
                 if session.sid is not None:
-                    table.pop(self._key(session.sid), None)
+                    self.table.pop(self._key(session.sid), None)
                 response.delete_cookie(self.get_cookie_name(app), **cookie)
                 response.vary.add("Cookie")
             return
@@ -185,21 +250,37 @@ class ShmkvSessionInterface(SessionInterface):
         # A session that another request ended meanwhile (a logout in another worker) stays
         # ended: nothing is stored, and the cookie is left as it is, since the browser may
         # hold a newer one by now (a login in another tab).
-        sid = session.sid
+        sid, table = session.sid, self.table
         if session.new or session.regenerate_id:
             if sid is not None and table.pop(self._key(sid), None) is None:
                 return
             sid = secrets.token_urlsafe(_ID_BYTES)
-            table.add(self._key(sid), self._encode(dict(session)), ttl)
+            table.add(self._key(sid), self._encode(dict(session), self._now()), ttl)
         elif session.modified:
             if not self._replace(table, session, ttl):
                 return
-        elif not table.touch(self._key(sid), ttl):  # type: ignore[arg-type]
+        elif not self._refresh(table, session, ttl):
             return
         if session.new or session.regenerate_id or self.should_set_cookie(app, session):
             response.set_cookie(self.get_cookie_name(app), sid,  # type: ignore[arg-type]
                                 expires=self.get_expiration_time(app, session), **cookie)
             response.vary.add("Cookie")
+
+    def _refresh(self, table: AnyTable, session: ShmkvSession, ttl: timedelta) -> bool:
+        """Moves an unchanged session's deadline to ttl from now, if refresh_after of the ttl
+        has passed since its last write (or the clock moved back); True if it did. A
+        compare-and-swap against what this request read, so that it never revives a session
+        that a logout ended; if it finds other bytes, another request wrote the session
+        meanwhile, and so moved the deadline itself."""
+        now = self._now()
+        if self.refresh_after:
+            threshold = max(ttl.total_seconds() * self.refresh_after, _MIN_REFRESH)
+            # A write dated more than a second ahead: the clock moved back since (or
+            # another machine's runs ahead); refresh rather than wait for it to catch up.
+            if -_MIN_REFRESH < now - session.written < threshold:
+                return False
+        return table.compare_and_swap(self._key(session.sid),  # type: ignore[arg-type]
+                                      session.stored, self._encode(dict(session), now), ttl)
 
     def _replace(self, table: AnyTable, session: ShmkvSession, ttl: Any) -> bool:
         """Stores what this request changed in its session; False if the session is gone.
@@ -209,18 +290,18 @@ class ShmkvSessionInterface(SessionInterface):
         write is a compare-and-swap against what this request read, and on a conflict this
         request's changes, key by key (set or removed), go onto what is stored now."""
         key = self._key(session.sid)  # type: ignore[arg-type]
-        read = self._decode(session.stored) or {}  # type: ignore[arg-type]
+        read = self._data(session.stored)
         data = dict(session)
         changed = {k: v for k, v in data.items() if k not in read or read[k] != v}
         removed = read.keys() - data.keys()
         current = session.stored
         while current is not None:
-            if table.compare_and_swap(key, current, self._encode(data), ttl):
+            if table.compare_and_swap(key, current, self._encode(data, self._now()), ttl):
                 return True
             current = table.get(key)
             if current is None:
                 break
-            theirs = self._decode(current) or {}
+            theirs = self._data(current)
             data = {k: v for k, v in {**theirs, **changed}.items() if k not in removed}
             if not data:  # nothing left of the session: it ended
                 table.pop(key, None)
