@@ -120,7 +120,15 @@ def _codec(codec: str | Codec) -> Codec:
 
 
 class SharedDict(MutableMapping[str, Any]):
-    """A dict of str keys and encoded values over a :class:`Table` (or a RedisTable)."""
+    """A dict of str keys and encoded values over a :class:`Table` (or a RedisTable).
+
+    Raises: every method that takes a key raises TypeError if it is not a str and
+    UnicodeEncodeError (a ValueError) if it has no UTF-8 form, before the table is touched;
+    iterating the keys or items raises UnicodeDecodeError if the table holds a key that is
+    not UTF-8 (see the module's docstring). Beyond that, each method raises what the codec
+    raises (pickle.PicklingError, TypeError for json) and what the table's method of the same
+    name raises: KeyError for a missing key, KeyTooLarge/ValueTooLarge (ValueErrors) past the
+    table's limits, TableFull, LockTimeout, TableClosed, TableBroken."""
 
     def __init__(self, table: Table | RedisTable, codec: str | Codec = "pickle") -> None:
         if not isinstance(table, (Table, RedisTable)):
@@ -168,6 +176,7 @@ class SharedDict(MutableMapping[str, Any]):
         return self._loads(data)
 
     def get(self, key: str, default: Any = None) -> Any:
+        """The decoded value of key, or default if it is absent."""
         data = self.table.get(self._key(key))
         return default if data is None else self._loads(data)
 
@@ -199,6 +208,7 @@ class SharedDict(MutableMapping[str, Any]):
         return self.table.expire(self._key(key), ttl)
 
     def purge_expired(self) -> int:
+        """Removes every expired key now (see Table.purge_expired); how many."""
         return self.table.purge_expired()
 
     def __delitem__(self, key: str) -> None:
@@ -232,6 +242,7 @@ class SharedDict(MutableMapping[str, Any]):
         return _Values(self)
 
     def pop(self, key: str, default: Any = _MISSING) -> Any:
+        """Removes key and returns its decoded value; default, or KeyError, if absent."""
         data = self.table.pop(self._key(key), None)
         if data is None:
             if default is _MISSING:
@@ -255,6 +266,7 @@ class SharedDict(MutableMapping[str, Any]):
                     return bkey.decode(), self._loads(data)
 
     def setdefault(self, key: str, default: Any = None) -> Any:
+        """The value of key; if absent, stores default first (atomically) and returns it."""
         bkey = self._key(key)
         data = self.table.get(bkey)
         if data is None:  # encode the default only when it may be stored
@@ -262,13 +274,16 @@ class SharedDict(MutableMapping[str, Any]):
         return self._loads(data)
 
     def clear(self) -> None:
+        """Removes every key of the table, those written through the Table included."""
         self.table.clear()
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Like dict.update, stored in one step with set_many()."""
         pairs = dict(other.items() if isinstance(other, Mapping) else other, **kwargs)
         self.set_many(pairs)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The decoded values of those keys that are present, read in one table operation."""
         named = {self._key(key): key for key in keys}
         found = self.table.get_many(list(named))
         return {named[bkey]: self._loads(data) for bkey, data in found.items()}
@@ -276,6 +291,7 @@ class SharedDict(MutableMapping[str, Any]):
     def set_many(
         self, mapping: Mapping[str, Any] | Iterable[tuple[str, Any]], ttl: TTL = None
     ) -> None:
+        """Stores every pair, each expiring after ttl seconds, in one table operation."""
         pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
         self.table.set_many({self._key(key): self._dumps(value) for key, value in pairs}, ttl)
 
@@ -320,9 +336,11 @@ class SharedDict(MutableMapping[str, Any]):
                 return result
 
     def stats(self) -> dict[str, Any]:
+        """The table's stats() (see Table.stats)."""
         return self.table.stats()
 
     def close(self) -> None:
+        """Closes the table (see Table.close)."""
         self.table.close()
 
     def __enter__(self) -> SharedDict:
