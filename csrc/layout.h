@@ -8,8 +8,10 @@
 #include <string.h>
 #include "shmkv.h"
 
-/* Bump on any change to the structures below or to their meaning. */
-#define SHMKV_FORMAT_VERSION 3
+/* Bump on any change to the structures below or to their meaning. 4: the lock is a robust
+ * mutex of the NORMAL type, not ERRORCHECK (see lock.c), and records its holder's PID
+ * namespace beside it. */
+#define SHMKV_FORMAT_VERSION 4
 
 /* "shmkv" + format family; compared byte for byte, so endianness does not matter. */
 #define SHMKV_MAGIC "SHMKVTB1"
@@ -78,6 +80,13 @@ struct shmkv_header {
     uint64_t reserved2[7];
 
     pthread_mutex_t lock __attribute__((aligned(SHMKV_ALIGN)));
+    /* Who holds the lock, as its holder sees itself (lock.c, "PID NAMESPACES"): written by
+     * each holder just after it takes the lock, zeroed just before it releases it, so 0 while
+     * the lock is free (or held by a process that died before writing them). On the mutex's
+     * cache line, which the holder writes anyway. Hints for messages and the same-thread
+     * relock check only: nothing trusts them for safety. */
+    uint64_t holder_pidns;     /* inode of the holder's /proc/self/ns/pid; 0 = not known */
+    int64_t holder_pid;        /* the holder's process id in that namespace */
 };
 
 /* A pool entry. Followed by key bytes (key_size rounded up to 8) and value bytes (value_size
@@ -95,6 +104,14 @@ struct shmkv_entry {
 /* The per-process handle: a copy of the geometry validated at open, so that every bound used
  * by an operation comes from here, never re-read from the (possibly corrupted) segment. */
 struct shmkv {
+    /* Calls in flight and the closing flag (table.c, "THREADS AND CLOSE"): every entry point
+     * adds one to inflight and then reads closing, shmkv_close() sets closing and then waits
+     * for inflight to reach 0, both in seq_cst order, so that no call runs on an unmapped
+     * segment. The handle itself lives until shmkv_free(). */
+    uint32_t inflight;
+    uint32_t closing;
+    int observer;              /* shmkv_observe(): count no reads, timeouts or uses */
+    struct shmkv *prev, *next; /* table.c's list of live handles, for fork (registry_lock) */
     unsigned char *base;
     uint64_t size;
     struct shmkv_header *hdr;
@@ -203,5 +220,7 @@ void shmkv__unlock(shmkv_t *t);
 int shmkv__init_lock(struct shmkv_header *h);
 int shmkv__lock_kind(void);
 int shmkv__lock_sane(const struct shmkv_header *h);
+uint64_t shmkv__pidns(void);
+void shmkv__lock_after_fork(void);
 
 #endif

@@ -4,7 +4,10 @@
  * recovery and carries on, so nobody waits forever on a dead process. A named semaphore
  * cannot do this: its count dies with its holder. */
 #include <errno.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "layout.h"
 
@@ -24,9 +27,11 @@ static int init_mutex(pthread_mutex_t *m)
     rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
     if (rc == 0)
         rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    /* Error-checking: a thread that locks twice gets an error instead of hanging itself. */
+    /* NORMAL, not ERRORCHECK: an error-checking mutex compares the futex word's thread id
+     * with the caller's, and a thread of another PID namespace may have the same id (see
+     * PID NAMESPACES below). shmkv__lock() detects a relock by the same thread itself. */
     if (rc == 0)
-        rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+        rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_NORMAL);
     if (rc == 0)
         rc = pthread_mutex_init(m, &attr);
     pthread_mutexattr_destroy(&attr);
@@ -71,6 +76,72 @@ static int lock_kind_of(const struct shmkv_header *h)
 int shmkv__lock_sane(const struct shmkv_header *h)
 {
     return lock_kind_of(h) == shmkv__lock_kind();
+}
+
+/* PID NAMESPACES
+ * Processes of different PID namespaces that share an IPC namespace (containers of one pod)
+ * share tables, and thread ids are per namespace: two containers' main processes are both
+ * pid 1. The kernel's robust futex records the holder's thread id as the holder sees it, so
+ * the futex word alone cannot tell "this thread holds it" from "thread 1 of another
+ * namespace holds it". Hence a NORMAL mutex (the futex makes them wait for each other like
+ * any two processes), and beside it the holder's PID namespace (the inode of
+ * /proc/self/ns/pid) and process id, written after each lock and cleared before each unlock:
+ *   - a relock by the same thread (it would wait for itself until the timeout) is reported at
+ *     once as SHMKV_ELOCK, but only when the word's tid is ours, the recorded namespace is
+ *     ours, and this thread holds some table lock at all (held_here): checked on the slow
+ *     path only, after trylock failed;
+ *   - shmkv_lock_holder() tells a lock timeout's message whose namespace the holder is in,
+ *     so it never names an unrelated local process that happens to have the holder's tid.
+ * A corner the kernel leaves: a robust futex's owner is identified by thread id alone. A
+ * waiter that dies while glibc has the mutex as its pending robust-list operation makes the
+ * kernel check whether the word's tid equals its own; if the holder is another namespace's
+ * thread with the same id, the kernel marks the lock owner-dead although its holder lives,
+ * and the next locker recovers a table that is being written. Avoiding it needs distinct
+ * thread ids across the sharing namespaces (e.g. run the containers' workers, not their
+ * pid-1 processes, on the table); nothing in user space can tell the two cases apart. */
+
+/* Lock holds of this thread, over all tables: a thread that holds none cannot be relocking. */
+static __thread int held_here;
+
+static uint64_t own_pidns;     /* 0 until first read; reset in a forked child */
+
+/* The inode of this process's PID namespace, read once (0 if /proc cannot say). */
+uint64_t shmkv__pidns(void)
+{
+    uint64_t ns = __atomic_load_n(&own_pidns, __ATOMIC_RELAXED);
+    struct stat st;
+
+    if (ns == 0 && stat("/proc/self/ns/pid", &st) == 0) {
+        ns = (uint64_t)st.st_ino;
+        __atomic_store_n(&own_pidns, ns, __ATOMIC_RELAXED);
+    }
+    return ns;
+}
+
+/* A child may be in another PID namespace than its parent (after unshare(CLONE_NEWPID)). */
+void shmkv__lock_after_fork(void)
+{
+    own_pidns = 0;
+}
+
+static pid_t own_tid(void)
+{
+    return (pid_t)syscall(SYS_gettid);
+}
+
+/* Whether the lock's futex word names this very thread as its holder (see above). */
+static int held_by_this_thread(const struct shmkv_header *h)
+{
+#ifdef __GLIBC__
+    uint32_t word = (uint32_t)__atomic_load_n(&h->lock.__data.__lock, __ATOMIC_RELAXED);
+    uint64_t ns = shmkv__pidns();
+
+    return held_here > 0 && (pid_t)(word & 0x3fffffff) == own_tid() && ns != 0 &&
+           __atomic_load_n(&h->holder_pidns, __ATOMIC_RELAXED) == ns;
+#else
+    (void)h;
+    return 0;
+#endif
 }
 
 /* Waits are cut into slices of this length. Each unlock, and the kernel on an owner's death,
@@ -140,6 +211,29 @@ static void locked_recover(shmkv_t *t)
     }
 }
 
+/* Just after the lock is taken, seq is even unless the table is broken (which keeps it odd
+ * for good): a holder makes it odd and even again, and a holder that died is met as
+ * EOWNERDEAD, whose rebuild evens it. An odd seq here is damage, such as one flipped bit; left
+ * alone, every writer would bump it to even and write with it even, and optimistic readers
+ * would accept torn values. So a writer that finds it odd keeps it odd (its unlock evens
+ * it), and a reader-holder evens it at once (a reader still in its optimistic try sees seq
+ * move and tries again). */
+static void locked_mend_seq(shmkv_t *t, int broken)
+{
+    uint64_t seq = __atomic_load_n(&t->hdr->seq, __ATOMIC_RELAXED);
+
+    if (broken) {              /* odd for good: not even a writer's unlock may even it */
+        t->writing = 0;
+        return;
+    }
+    if (t->writing) {
+        if (!(seq & 1))
+            locked_seq_bump(t);
+    } else if (seq & 1) {
+        __atomic_store_n(&t->hdr->seq, seq + 1, __ATOMIC_RELEASE);
+    }
+}
+
 /* Takes the table's lock. 0: held (after repairing the table if its last owner died).
  * SHMKV_ELOCKTIMEOUT: still held by another process after the handle's timeout.
  * SHMKV_EBROKEN: the mutex was left unrecoverable, or the table is marked broken (unless
@@ -155,8 +249,11 @@ int shmkv__lock(shmkv_t *t, int flags)
     rc = pthread_mutex_trylock(m);
 
     /* The uncontended path costs one atomic exchange; clocks are read only to wait. */
-    if (rc == EBUSY)
+    if (rc == EBUSY) {
+        if (held_by_this_thread(t->hdr))
+            return SHMKV_ELOCK;
         rc = timed_lock(m, t->lock_timeout_ns);
+    }
     switch (rc) {
     case 0:
         break;
@@ -168,17 +265,23 @@ int shmkv__lock(shmkv_t *t, int flags)
         }
         break;
     case ETIMEDOUT:
-        __atomic_fetch_add(&t->hdr->lock_timeouts, 1, __ATOMIC_RELAXED);
+        if (!t->observer)
+            __atomic_fetch_add(&t->hdr->lock_timeouts, 1, __ATOMIC_RELAXED);
         return SHMKV_ELOCKTIMEOUT;
     case ENOTRECOVERABLE:
         return SHMKV_EBROKEN;
     default:
         return SHMKV_ELOCK;
     }
-    if (__atomic_load_n(&t->hdr->broken, __ATOMIC_ACQUIRE) && !(flags & LOCK_EVEN_BROKEN)) {
+    int broken = __atomic_load_n(&t->hdr->broken, __ATOMIC_ACQUIRE) != 0;
+
+    if (broken && !(flags & LOCK_EVEN_BROKEN)) {
         pthread_mutex_unlock(m);
         return SHMKV_EBROKEN;
     }
+    held_here++;
+    __atomic_store_n(&t->hdr->holder_pidns, shmkv__pidns(), __ATOMIC_RELAXED);
+    __atomic_store_n(&t->hdr->holder_pid, (int64_t)getpid(), __ATOMIC_RELAXED);
 #ifdef SHMKV_DEBUG
     {
         int invariant;
@@ -188,8 +291,7 @@ int shmkv__lock(shmkv_t *t, int flags)
     }
 #endif
     t->writing = !(flags & LOCK_READ_ONLY);
-    if (t->writing)
-        locked_seq_bump(t);
+    locked_mend_seq(t, broken);
     return SHMKV_OK;
 }
 
@@ -199,5 +301,8 @@ void shmkv__unlock(shmkv_t *t)
         t->writing = 0;
         locked_seq_bump(t);
     }
+    __atomic_store_n(&t->hdr->holder_pidns, (uint64_t)0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->hdr->holder_pid, (int64_t)0, __ATOMIC_RELAXED);
+    held_here--;
     pthread_mutex_unlock(&t->hdr->lock);
 }

@@ -109,7 +109,20 @@ int shmkv_init(void *base, uint64_t size, uint64_t capacity, uint64_t key_size,
  * table, another format version or build, truncated, or an inconsistent header; then `why`
  * (if not NULL) receives a sentence saying which. */
 int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t whycap);
+/* Ends the handle's use of the mapping: from the moment it starts, every call on the handle
+ * returns SHMKV_ECLOSED without touching the segment; it waits for the calls already inside
+ * (other threads; each is bounded by the lock timeout) to leave, and adds the handle's
+ * pending read counts to the table. After it returns, the caller may unmap the segment.
+ * Idempotent, and safe to call from several threads at once. The handle's memory stays
+ * valid, for threads that may still pass it, until shmkv_free(). */
 void shmkv_close(shmkv_t *t);
+/* Frees a handle, closed or not, without touching the segment (which may be unmapped):
+ * call it once no thread can pass the handle any more (cffi's ffi.gc does). */
+void shmkv_free(shmkv_t *t);
+/* Makes the handle an observer: from now on its calls add nothing to the table's shared
+ * counters (hits, misses, lock timeouts) and mark no key used for eviction, so that
+ * inspecting a table changes nothing in it. Pending counts are dropped. */
+int shmkv_observe(shmkv_t *t);
 /* Lock waits longer than this fail with SHMKV_ELOCKTIMEOUT; <= 0 means the default. */
 void shmkv_set_lock_timeout(shmkv_t *t, int64_t nanoseconds);
 
@@ -196,6 +209,17 @@ int64_t shmkv_probe_lengths(shmkv_t *t, uint64_t *hist, uint32_t n);
  * lock is free, -1 where the C library does not say. Read without taking the lock. */
 int64_t shmkv_lock_owner(shmkv_t *t);
 
+/* Who holds the lock, read without taking it (lock.c, PID NAMESPACES). */
+struct shmkv_lock_holder {
+    int64_t tid;              /* as shmkv_lock_owner(): the holder's thread id in its PID
+                               * namespace, 0 if free, -1 if the C library does not say */
+    int64_t pid;              /* the holder's process id in its namespace; 0 if not recorded */
+    int32_t same_pidns;       /* 1: the holder is in this process's PID namespace; 0: in
+                               * another; -1: not recorded (free, just taken, or a holder
+                               * that died before recording it) */
+};
+int shmkv_lock_holder(shmkv_t *t, struct shmkv_lock_holder *out);
+
 /* For tests: the process ends with _exit(SHMKV_FAULT_EXIT) at the `points`-th crash point
  * from now (each ordered store of a mutation is one; see layout.h); 0 disarms. */
 #define SHMKV_FAULT_EXIT 86
@@ -211,3 +235,5 @@ void shmkv_testing_set_clock(uint64_t now_ns);
  * before it unmaps the table: glibc links held robust mutexes into a per-thread list, and an
  * unmapped list element crashes the next robust lock. Never used by the library itself. */
 int shmkv_testing_hold_lock(shmkv_t *t, int hold);
+/* For tests: flips the low bit of the table's sequence word, as damage would. */
+int shmkv_testing_flip_seq(shmkv_t *t);

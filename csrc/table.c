@@ -161,6 +161,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include "layout.h"
@@ -353,14 +354,39 @@ int shmkv_init(void *base, uint64_t size, uint64_t capacity, uint64_t key_size,
 static unsigned fork_generation;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
+/* Every live handle of the process (open to free), so that a forked child can reset what
+ * the parent's other threads left in them: a child has one thread, so no call is in flight
+ * in it, whatever the parent's count said when it forked. */
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static shmkv_t *registry;
+
+static void before_fork(void)
+{
+    pthread_mutex_lock(&registry_lock);
+}
+
+static void after_fork_in_parent(void)
+{
+    pthread_mutex_unlock(&registry_lock);
+}
+
 static void after_fork_in_child(void)
 {
+    shmkv_t *t;
+
     fork_generation++;
+    shmkv__lock_after_fork();
+    for (t = registry; t != NULL; t = t->next) {
+        t->inflight = 0;
+        if (t->closing == 1)   /* a close another thread of the parent had under way */
+            t->closing = 2;
+    }
+    pthread_mutex_unlock(&registry_lock);
 }
 
 static void register_atfork(void)
 {
-    pthread_atfork(NULL, NULL, after_fork_in_child);
+    pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
 }
 
 /* Pending counts a handle inherited through fork are its parent's, counted there. */
@@ -464,9 +490,62 @@ int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t why
     t->evict = (h->flags & SHMKV_EVICT) != 0;
     pthread_once(&atfork_once, register_atfork);
     t->fork_generation = fork_generation;
+    pthread_mutex_lock(&registry_lock);
+    t->next = registry;
+    if (registry != NULL)
+        registry->prev = t;
+    registry = t;
+    pthread_mutex_unlock(&registry_lock);
     *out = t;
     return SHMKV_OK;
 }
+
+/* ------------------------------------------------------------------------------------------
+ * THREADS AND CLOSE
+ * A handle is shared by the threads of its process, and the C calls run without the GIL, so
+ * one thread may close the table while another is inside a call. Unmapping the segment then
+ * would crash that call, or kill the process with the lock held in memory that is gone, so
+ * the kernel never marks the robust mutex owner-dead and every other process times out for
+ * ever. So every entry point is bracketed by ENTER (below): it adds one to the handle's
+ * inflight count and then reads its closing flag; shmkv_close() sets closing and then waits
+ * for inflight to drain. Both sides use seq_cst (Dekker's pattern): either the call sees
+ * closing and returns SHMKV_ECLOSED without touching the segment, or close sees the call and
+ * waits for it. Calls are bounded (lock waits time out), so close waits at most about one
+ * lock timeout. The handle's memory outlives close, since another thread may hold its pointer
+ * and call in later (it gets SHMKV_ECLOSED): shmkv_free() releases it, when Python finalizes
+ * the handle's cdata (ffi.gc). The cost is two atomic read-modify-writes per call on a line
+ * the call reads anyway (measured in the README's Threads paragraph).
+ * ---------------------------------------------------------------------------------------- */
+
+static inline int enter(shmkv_t *t)
+{
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    __atomic_fetch_add(&t->inflight, 1, __ATOMIC_SEQ_CST);
+    if (__builtin_expect(__atomic_load_n(&t->closing, __ATOMIC_SEQ_CST) != 0, 0)) {
+        __atomic_fetch_sub(&t->inflight, 1, __ATOMIC_RELEASE);
+        return SHMKV_ECLOSED;
+    }
+    return SHMKV_OK;
+}
+
+static inline void leave(shmkv_t **entered)
+{
+    if (*entered != NULL)
+        __atomic_fetch_sub(&(*entered)->inflight, 1, __ATOMIC_RELEASE);
+}
+
+/* The first statement of every entry point that takes a handle: returns SHMKV_ECLOSED for a
+ * NULL or closing handle; otherwise the call counts as in flight until it returns, on
+ * whatever path (the cleanup attribute runs leave() after the return value is computed). */
+#define ENTER(t)                                                                       \
+    shmkv_t *entered_ __attribute__((cleanup(leave))) = NULL;                          \
+    do {                                                                               \
+        int enter_rc_ = enter(t);                                                      \
+        if (enter_rc_ != SHMKV_OK)                                                     \
+            return enter_rc_;                                                          \
+        entered_ = (t);                                                                \
+    } while (0)
 
 /* Reads a handle counts before adding them to the header's hits and misses, so that readers
  * in several processes do not all write one cache line. */
@@ -475,6 +554,10 @@ int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t why
 static void flush_pending(shmkv_t *t)
 {
     forget_if_forked(t);
+    if (t->observer) {
+        t->pending_hits = t->pending_misses = 0;
+        return;
+    }
     uint64_t hits = __atomic_exchange_n(&t->pending_hits, 0, __ATOMIC_RELAXED);
     uint64_t misses = __atomic_exchange_n(&t->pending_misses, 0, __ATOMIC_RELAXED);
 
@@ -484,11 +567,57 @@ static void flush_pending(shmkv_t *t)
         __atomic_fetch_add(&t->hdr->misses, misses, __ATOMIC_RELAXED);
 }
 
+/* closing: 0 open; 1 a closer is draining the calls and flushing; 2 closed. */
 void shmkv_close(shmkv_t *t)
 {
-    if (t != NULL)
-        flush_pending(t);
+    struct timespec pause = {0, 100000};
+    uint32_t open = 0;
+    unsigned spins = 0;
+
+    if (t == NULL)
+        return;
+    if (__atomic_compare_exchange_n(&t->closing, &open, 1, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_SEQ_CST)) {
+        while (__atomic_load_n(&t->inflight, __ATOMIC_SEQ_CST) != 0) {
+            if (spins++ < 64)
+                sched_yield();
+            else
+                nanosleep(&pause, NULL);
+        }
+        flush_pending(t);      /* the last touch of the segment */
+        __atomic_store_n(&t->closing, 2, __ATOMIC_RELEASE);
+        return;
+    }
+    /* Another thread is closing: return only once it is done with the segment. */
+    while (__atomic_load_n(&t->closing, __ATOMIC_ACQUIRE) != 2) {
+        if (spins++ < 64)
+            sched_yield();
+        else
+            nanosleep(&pause, NULL);
+    }
+}
+
+void shmkv_free(shmkv_t *t)
+{
+    if (t == NULL)
+        return;
+    pthread_mutex_lock(&registry_lock);
+    if (t->prev != NULL)
+        t->prev->next = t->next;
+    else if (registry == t)
+        registry = t->next;
+    if (t->next != NULL)
+        t->next->prev = t->prev;
+    pthread_mutex_unlock(&registry_lock);
     free(t);
+}
+
+int shmkv_observe(shmkv_t *t)
+{
+    ENTER(t);
+    t->observer = 1;
+    t->pending_hits = t->pending_misses = 0;
+    return SHMKV_OK;
 }
 
 void shmkv_set_lock_timeout(shmkv_t *t, int64_t nanoseconds)
@@ -1149,6 +1278,8 @@ static void count_read(shmkv_t *t, int rc, struct shmkv_entry *e)
 {
     uint64_t *pending;
 
+    if (t->observer)
+        return;
     forget_if_forked(t);
     if (rc >= 0) {
         pending = &t->pending_hits;
@@ -1188,6 +1319,7 @@ static int optimistic_get(shmkv_t *t, struct op *op, const char *key, uint32_t k
 
 int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap)
 {
+    ENTER(t);
     struct op op;
     int rc, tries;
 
@@ -1220,6 +1352,7 @@ int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t ou
 int shmkv_put(shmkv_t *t, const char *key, uint32_t klen, const char *value, uint32_t vlen,
               int flags, uint64_t ttl_ns)
 {
+    ENTER(t);
     struct op op;
     int rc;
 
@@ -1242,6 +1375,7 @@ int shmkv_put(shmkv_t *t, const char *key, uint32_t klen, const char *value, uin
 int shmkv_setdefault(shmkv_t *t, const char *key, uint32_t klen, const char *value,
                      uint32_t vlen, char *out, uint32_t outcap)
 {
+    ENTER(t);
     struct op op;
     int rc;
 
@@ -1260,6 +1394,7 @@ int shmkv_setdefault(shmkv_t *t, const char *key, uint32_t klen, const char *val
 
 int shmkv_pop(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap)
 {
+    ENTER(t);
     struct op op;
     int rc, len;
 
@@ -1293,6 +1428,7 @@ static int64_t counter_value(uint64_t word)
 int shmkv_incr(shmkv_t *t, const char *key, uint32_t klen, int64_t delta, int64_t initial,
                uint64_t ttl_ns, int64_t *out)
 {
+    ENTER(t);
     struct op op;
     int64_t result = 0;
     uint64_t word, *counter;
@@ -1329,6 +1465,7 @@ int shmkv_compare_and_swap(shmkv_t *t, const char *key, uint32_t klen, const cha
                            uint32_t elen, const char *value, uint32_t vlen, int flags,
                            uint64_t ttl_ns)
 {
+    ENTER(t);
     struct op op;
     int rc;
 
@@ -1347,6 +1484,7 @@ int shmkv_compare_and_swap(shmkv_t *t, const char *key, uint32_t klen, const cha
 
 int shmkv_expire(shmkv_t *t, const char *key, uint32_t klen, uint64_t ttl_ns, int flags)
 {
+    ENTER(t);
     struct op op;
     uint64_t d;
     int rc;
@@ -1368,6 +1506,7 @@ int shmkv_expire(shmkv_t *t, const char *key, uint32_t klen, uint64_t ttl_ns, in
 
 int shmkv_ttl(shmkv_t *t, const char *key, uint32_t klen, uint64_t *left)
 {
+    ENTER(t);
     struct op op;
     uint64_t d;
     int rc;
@@ -1386,6 +1525,7 @@ int shmkv_ttl(shmkv_t *t, const char *key, uint32_t klen, uint64_t *left)
 
 int64_t shmkv_purge_expired(shmkv_t *t)
 {
+    ENTER(t);
     int64_t purged = 0;
     struct op op;
     int rc = lock_table(t, 0);
@@ -1401,6 +1541,7 @@ int64_t shmkv_purge_expired(shmkv_t *t)
 
 int shmkv_clear(shmkv_t *t)
 {
+    ENTER(t);
     struct shmkv_header *h;
     uint64_t i;
     int rc;
@@ -1424,6 +1565,7 @@ int shmkv_clear(shmkv_t *t)
 
 int64_t shmkv_len(shmkv_t *t)
 {
+    ENTER(t);
     int64_t n = 0;
     struct op op;
     int rc;
@@ -1449,6 +1591,7 @@ int64_t shmkv_len(shmkv_t *t)
 int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
                    char *out, uint64_t outcap, int64_t *vlens, uint64_t *needed)
 {
+    ENTER(t);
     uint64_t hits = 0, misses = 0, used = 0, off = 0;
     uint32_t i;
     struct op op;
@@ -1499,12 +1642,13 @@ int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
             vlens[i] = vlen;
             used += vlen;
             hits++;
-            mark_used(t, op.e);
+            if (!t->observer)
+                mark_used(t, op.e);
         }
     }
     if (rc == SHMKV_OK && used > outcap)
         rc = SHMKV_EBUFSIZE;
-    if (rc == SHMKV_OK) {
+    if (rc == SHMKV_OK && !t->observer) {
         __atomic_fetch_add(&t->hdr->hits, hits, __ATOMIC_RELAXED);
         __atomic_fetch_add(&t->hdr->misses, misses, __ATOMIC_RELAXED);
     }
@@ -1538,6 +1682,7 @@ int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *kle
                    const char *values, const uint32_t *vlens, uint64_t ttl_ns,
                    uint64_t *scratch)
 {
+    ENTER(t);
     uint64_t koff = 0, voff = 0, fresh = 0, expires;
     uint64_t *hashes = scratch, *pins = scratch + n;
     uint32_t i;
@@ -1608,6 +1753,7 @@ static void put_u32(char *p, uint32_t v)
 int64_t shmkv_snapshot(shmkv_t *t, int with_values, char *out, uint64_t outcap,
                        uint64_t *needed)
 {
+    ENTER(t);
     uint64_t n, hw, used = 0;
     int64_t records = 0;
     struct op op;
@@ -1680,6 +1826,7 @@ static void read_stats(const shmkv_t *t, struct shmkv_stats *out)
 
 int shmkv_stats(shmkv_t *t, struct shmkv_stats *out)
 {
+    ENTER(t);
     int rc;
 
     if (out == NULL)
@@ -1695,6 +1842,7 @@ int shmkv_stats(shmkv_t *t, struct shmkv_stats *out)
 
 int shmkv_peek_stats(shmkv_t *t, struct shmkv_stats *out)
 {
+    ENTER(t);
     if (t == NULL)
         return SHMKV_ECLOSED;
     if (out == NULL)
@@ -1706,11 +1854,13 @@ int shmkv_peek_stats(shmkv_t *t, struct shmkv_stats *out)
 
 int shmkv_table_flags(shmkv_t *t)
 {
+    ENTER(t);
     return t == NULL ? SHMKV_ECLOSED : t->evict ? SHMKV_EVICT : 0;
 }
 
 int shmkv_geometry(shmkv_t *t, struct shmkv_geometry *out)
 {
+    ENTER(t);
     if (t == NULL)
         return SHMKV_ECLOSED;
     if (out == NULL)
@@ -1720,6 +1870,7 @@ int shmkv_geometry(shmkv_t *t, struct shmkv_geometry *out)
 
 int shmkv_check(shmkv_t *t, int *invariant)
 {
+    ENTER(t);
     int rc, dummy;
 
     if (invariant == NULL)
@@ -1735,6 +1886,7 @@ int shmkv_check(shmkv_t *t, int *invariant)
 
 int shmkv_testing_hold_lock(shmkv_t *t, int hold)
 {
+    ENTER(t);
     if (t == NULL)
         return SHMKV_ECLOSED;
     if (hold)
@@ -1745,8 +1897,7 @@ int shmkv_testing_hold_lock(shmkv_t *t, int hold)
 
 int64_t shmkv_lock_owner(shmkv_t *t)
 {
-    if (t == NULL)
-        return SHMKV_ECLOSED;
+    ENTER(t);
 #ifdef __GLIBC__
     /* The robust-futex word: the owner's thread id in its low 30 bits (the kernel's ABI). */
     return (int64_t)(__atomic_load_n(&t->hdr->lock.__data.__lock, __ATOMIC_RELAXED) &
@@ -1758,6 +1909,7 @@ int64_t shmkv_lock_owner(shmkv_t *t)
 
 int64_t shmkv_probe_lengths(shmkv_t *t, uint64_t *hist, uint32_t n)
 {
+    ENTER(t);
     uint64_t i, longest = 0;
     int rc;
 
@@ -1779,4 +1931,25 @@ int64_t shmkv_probe_lengths(shmkv_t *t, uint64_t *hist, uint32_t n)
     }
     shmkv__unlock(t);
     return (int64_t)longest;
+}
+
+int shmkv_lock_holder(shmkv_t *t, struct shmkv_lock_holder *out)
+{
+    ENTER(t);
+    uint64_t ns;
+
+    if (out == NULL)
+        return SHMKV_EARG;
+    out->tid = shmkv_lock_owner(t);
+    ns = __atomic_load_n(&t->hdr->holder_pidns, __ATOMIC_RELAXED);
+    out->pid = __atomic_load_n(&t->hdr->holder_pid, __ATOMIC_RELAXED);
+    out->same_pidns = ns == 0 || shmkv__pidns() == 0 ? -1 : ns == shmkv__pidns();
+    return SHMKV_OK;
+}
+
+int shmkv_testing_flip_seq(shmkv_t *t)
+{
+    ENTER(t);
+    __atomic_fetch_xor(&t->hdr->seq, (uint64_t)1, __ATOMIC_SEQ_CST);
+    return SHMKV_OK;
 }

@@ -3,13 +3,30 @@
 Every operation is one call into the C core, which does it whole under the table's lock.
 Python's part is naming, lifecycle, argument checks and turning status codes into exceptions
 (``errors.error_for``). The hot methods are written for the interpreter: the C functions are
-bound once, the value buffer is reused, and bytes keys go to C without a copy.
+bound once, the value buffers are reused, and bytes keys go to C without a copy.
+
+THREADS. A Table may be shared by the threads of a process; the C calls release the GIL.
+Nothing here depends on where the interpreter may switch threads (3.9 switches between any
+two bytecodes): the buffers a value is copied into come from a free list taken with one
+``list.pop()`` and given back with one ``list.append()``, each atomic on its own, so two
+threads never share a buffer; and close() is made safe in C (see THREADS AND CLOSE in
+csrc/table.c): calls already inside finish before the mapping goes, later ones raise
+TableClosed, and the C handle is freed only with the Table object (``ffi.gc``).
+
+What free-threaded CPython (3.13t and later, no GIL) would need beyond that: ``list.pop``
+and ``append`` stay atomic there (lists lock themselves), and the C core already counts
+reads and calls with atomics; but cffi must be a release that supports free-threading and
+the extension must declare itself GIL-free (``Py_mod_gil``), or importing it re-enables the
+GIL. Plain attribute stores such as ``_snapshot_size`` are races that only cost a retry.
+close() is serialised by a ``threading.Lock``, which is correct with or without a GIL.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import struct
+import threading
 from array import array
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from datetime import timedelta
@@ -17,12 +34,15 @@ from typing import Any, TypeVar, Union, overload
 
 from . import _segment
 from ._core import ffi, lib
-from .errors import TableClosed, error_for
+from .errors import KeyTooLarge, TableClosed, ValueTooLarge, error_for
 
 BytesLike = Union[bytes, bytearray, memoryview]
 TTL = Union[float, int, timedelta, None]
 
 DEFAULT_LOCK_TIMEOUT = 5.0
+#: The longest lock_timeout, in seconds (about 31.7 years): in ns it fits the C core's int64
+#: and every timespec deadline, with room to spare. Use it to wait "for ever".
+MAX_LOCK_TIMEOUT = 1e9
 _SNAPSHOT_START = 64 * 1024
 _WHY_SIZE = 256
 _U32 = struct.Struct("=I")
@@ -119,9 +139,19 @@ def _keep_flags(ttl: object) -> int:
 
 
 def _timeout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"lock_timeout must be a positive number of seconds, not {value!r}")
+    """A lock_timeout checked: a finite number of seconds above 0 and at most
+    MAX_LOCK_TIMEOUT. Raises ValueError for anything else, before anything is created."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 < value <= MAX_LOCK_TIMEOUT or not math.isfinite(value)):
+        raise ValueError(f"lock_timeout must be a number of seconds above 0 and at most "
+                         f"{MAX_LOCK_TIMEOUT:g}, not {value!r}")
     return float(value)
+
+
+def _timeout_ns(seconds: float) -> int:
+    """A checked timeout in ns for the C core: at least 1, so that a tiny timeout is honoured
+    (the C core reads 0 as "the default")."""
+    return max(1, round(seconds * 1e9))
 
 
 _T = TypeVar("_T", bound="_TableBase")
@@ -206,34 +236,51 @@ class Table(_TableBase):
         created: bool = False,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
-        # Private: use shmkv.create() or shmkv.attach().
+        # Private: use shmkv.create() or shmkv.attach(). Raises what error_for() makes of
+        # shmkv_open()'s code, and ValueError for a bad lock_timeout; on any error the cffi
+        # buffer is released and the segment closed (nothing is left half-open), and the
+        # caller decides about the segment's name.
         #: True for the handle whose create() made the table (not for those that attached).
         self.created = created
         self._segment = segment
         self._name = name
         self._tracked = tracked
         self._h: Any = ffi.NULL
-        self._identity = _segment.identity(segment)  # unlink() removes this file, no other
-        self._base = ffi.from_buffer("char[]", segment.buf, require_writable=True)
-        holder = ffi.new("shmkv_t **")
-        why = ffi.new("char[]", _WHY_SIZE)
-        rc = lib.shmkv_open(self._base, segment.size, holder, why, _WHY_SIZE)
-        if rc != 0:
-            self._release()
-            detail = ffi.string(why).decode(errors="replace")
-            raise error_for(rc, f"table {name!r}" + (f": {detail}" if detail else ""))
-        self._h = holder[0]
-        self._lock_timeout = _timeout(lock_timeout)
-        lib.shmkv_set_lock_timeout(self._h, int(self._lock_timeout * 1e9))
-        geometry = ffi.new("struct shmkv_geometry *")
-        lib.shmkv_geometry(self._h, geometry)
-        self.capacity: int = geometry.capacity
-        self.key_size: int = geometry.key_size
-        self.value_size: int = geometry.value_size
-        #: "error" (a full table raises TableFull) or "evict" (it makes room), as created.
-        self.on_full: str = "evict" if lib.shmkv_table_flags(self._h) & lib.SHMKV_EVICT else "error"
-        self._out: Any = None
+        self._base: Any = None
+        self._close_lock = threading.Lock()
+        # Buffers a value is read into, as (cdata, buffer) pairs: see THREADS above.
+        # (self._free.pop() costs about 5 ns more than an attribute swap on 3.11; a bound
+        # method kept in an attribute, 40 ns: CPython specialises list.pop and append.)
+        self._free: list[Any] = []
+        self._handle: Any = None
         self._snapshot_size = _SNAPSHOT_START
+        try:
+            self._lock_timeout = _timeout(lock_timeout)
+            self._identity = _segment.identity(segment)  # unlink() removes this file, no other
+            self._base = ffi.from_buffer("char[]", segment.buf, require_writable=True)
+            holder = ffi.new("shmkv_t **")
+            why = ffi.new("char[]", _WHY_SIZE)
+            rc = lib.shmkv_open(self._base, segment.size, holder, why, _WHY_SIZE)
+            if rc != 0:
+                detail = ffi.string(why).decode(errors="replace")
+                raise error_for(rc, f"table {name!r}" + (f": {detail}" if detail else ""))
+            # The handle is freed with this object, not at close(): a thread that is inside
+            # a method holds self, and so may still pass the pointer it read from _h (it
+            # gets SHMKV_ECLOSED). _h is the bare pointer, which cffi passes ~10 ns faster.
+            self._handle = ffi.gc(holder[0], lib.shmkv_free)
+            self._h = holder[0]
+            lib.shmkv_set_lock_timeout(self._h, _timeout_ns(self._lock_timeout))
+            geometry = ffi.new("struct shmkv_geometry *")
+            lib.shmkv_geometry(self._h, geometry)
+            self.capacity: int = geometry.capacity
+            self.key_size: int = geometry.key_size
+            self.value_size: int = geometry.value_size
+            #: "error" (a full table raises TableFull) or "evict" (it makes room), as created.
+            self.on_full: str = (
+                "evict" if lib.shmkv_table_flags(self._h) & lib.SHMKV_EVICT else "error")
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -253,26 +300,31 @@ class Table(_TableBase):
 
     @lock_timeout.setter
     def lock_timeout(self, seconds: float) -> None:
+        """ValueError unless seconds is finite, above 0 and at most MAX_LOCK_TIMEOUT."""
         self._lock_timeout = _timeout(seconds)
-        if not self.closed:
-            lib.shmkv_set_lock_timeout(self._h, int(self._lock_timeout * 1e9))
+        h = self._h
+        if h != ffi.NULL:
+            lib.shmkv_set_lock_timeout(h, _timeout_ns(self._lock_timeout))
 
     def close(self) -> None:
-        """Unmaps the table from this process. Idempotent; the table itself stays."""
-        if self._h != ffi.NULL:
-            lib.shmkv_close(self._h)
-            self._h = ffi.NULL
-        self._release()
+        """Unmaps the table from this process. Idempotent; the table itself stays.
 
-    def _release(self) -> None:
-        # cffi's buffer export must go before the mapping, or mmap.close() raises BufferError.
-        if self._base is not None:
-            ffi.release(self._base)
-            self._base = None
-        self._out = None
-        if self._segment is not None:
-            self._segment.close()
-            self._segment = None
+        Safe while other threads use the table: calls already inside the C core finish
+        first (close waits for them; each is bounded by the lock timeout), and later calls
+        raise TableClosed."""
+        with self._close_lock:
+            h, self._h = self._h, ffi.NULL
+            if h != ffi.NULL:
+                lib.shmkv_close(h)  # waits for calls in flight; the segment is ours after
+            # cffi's buffer export must go before the mapping, or mmap.close() raises
+            # BufferError.
+            if self._base is not None:
+                ffi.release(self._base)
+                self._base = None
+            self._free.clear()
+            if self._segment is not None:
+                self._segment.close()
+                self._segment = None
 
     def unlink(self) -> None:
         """Removes the table's name from the system: no process can attach any more, and the
@@ -284,7 +336,8 @@ class Table(_TableBase):
 
     def __del__(self) -> None:
         try:
-            self.close()
+            if hasattr(self, "_close_lock"):
+                self.close()
         except Exception:
             pass
 
@@ -293,45 +346,73 @@ class Table(_TableBase):
         return (_reattach, (self._name, self._lock_timeout))
 
     def __repr__(self) -> str:
-        if self.closed:
+        # Without the lock (a repr must not wait for, or fail on, another process's hold):
+        # the count may include expired keys not yet reclaimed.
+        s = ffi.new("struct shmkv_stats *")
+        if lib.shmkv_peek_stats(self._h, s) < 0:
             return f"<shmkv.Table {self._name!r} closed>"
         return (
-            f"<shmkv.Table {self._name!r} {len(self)}/{self.capacity} entries, "
+            f"<shmkv.Table {self._name!r} {s.count}/{self.capacity} entries, "
             f"key_size={self.key_size}, value_size={self.value_size}>"
         )
 
     # ------------------------------------------------------------------ errors
 
     def _error(self, code: int, key: Any = None, value: Any = None) -> Exception:
+        exc: Exception
         if code == lib.SHMKV_EKEYSIZE:
             size = len(_as_bytes(key, "key"))
-            detail = f"key of {size} bytes exceeds this table's key_size={self.key_size}"
+            exc = KeyTooLarge(f"key of {size} bytes is longer than table {self._name!r} "
+                              f"allows (key_size={self.key_size})")
         elif code == lib.SHMKV_EVALUESIZE:
             size = len(_as_bytes(value, "value")) if value is not None else 8
-            detail = f"value of {size} bytes exceeds this table's value_size={self.value_size}"
-        elif code == lib.SHMKV_EFULL:
-            detail = f"table {self._name!r} holds its capacity of {self.capacity} entries"
+            exc = ValueTooLarge(f"value of {size} bytes is longer than table {self._name!r} "
+                                f"allows (value_size={self.value_size})")
         elif code == _CLOSED:
-            detail = f"table {self._name!r} is closed"
-        elif code == lib.SHMKV_ELOCKTIMEOUT:
-            detail = (f"table {self._name!r}: waited {self._lock_timeout:g} s for the lock, "
-                      f"{_describe_owner(int(lib.shmkv_lock_owner(self._h)))}")
+            exc = TableClosed(f"table {self._name!r} is closed")
         else:
-            detail = f"table {self._name!r}"
-        return error_for(code, detail)
+            if code == lib.SHMKV_EFULL:
+                detail = f"table {self._name!r} holds its capacity of {self.capacity} entries"
+            elif code == lib.SHMKV_ELOCKTIMEOUT:
+                detail = (f"table {self._name!r}: waited {self._lock_timeout:g} s for the "
+                          f"lock, {self._lock_holder()}")
+            else:
+                detail = f"table {self._name!r}"
+            return error_for(code, detail)
+        exc.code_name = f"SHMKV_{_CODE_NAMES[code]}"
+        return exc
+
+    def _lock_holder(self) -> str:
+        """Who holds the lock, in words, read without taking it: a process of this PID
+        namespace, or a thread of another one (never a local process that merely has the
+        other namespace's thread id)."""
+        holder = ffi.new("struct shmkv_lock_holder *")
+        if lib.shmkv_lock_holder(self._h, holder) < 0:
+            return "held by an unknown owner"
+        return _describe_owner(int(holder.tid), other_pidns=holder.same_pidns == 0,
+                               pid=int(holder.pid))
 
     def _buffers(self) -> Any:
-        # (cdata, buffer) of value_size bytes for a value read out of the table. The caller
-        # holds them (self._out is None meanwhile) until it has sliced the value out, so that
-        # a thread that runs while the C call has released the GIL gets buffers of its own.
-        out = self._out
-        self._out = None
-        return out if out is not None else self._new_buffers()
+        # (cdata, buffer) of value_size bytes for a value read out of the table, taken off
+        # the free list in one atomic step (list.pop) and given back with one append once
+        # the value is sliced out: two threads never hold the same pair (see THREADS).
+        try:
+            return self._free.pop()
+        except IndexError:
+            return self._new_buffers()
 
     def _ensure_open(self) -> None:
         # For the calls that may not reach C, which would say so itself.
         if self.closed:
-            raise TableClosed(f"table {self._name!r} is closed")
+            raise self._error(_CLOSED)
+
+    def _make_observer(self) -> None:
+        """Makes this handle an observer, for inspection: from now on its reads count no
+        hits or misses, its lock waits count no lock timeouts, and it marks no key used for
+        eviction, so that looking at a table changes nothing in it. TableClosed if closed."""
+        rc = lib.shmkv_observe(self._h)
+        if rc < 0:
+            raise self._error(rc)
 
     def _new_buffers(self) -> Any:
         self._ensure_open()
@@ -343,9 +424,9 @@ class Table(_TableBase):
     def get(self, key: BytesLike, default: Any = None) -> Any:
         """The value of key, or default if absent."""
         # The hot path, written out: take the buffers, one C call, slice, give them back.
-        out = self._out
-        self._out = None
-        if out is None:
+        try:
+            out = self._free.pop()
+        except IndexError:
             out = self._new_buffers()
         try:
             n = _get(self._h, key, len(key), out[0], self.value_size)
@@ -354,18 +435,18 @@ class Table(_TableBase):
             n = _get(self._h, key, len(key), out[0], self.value_size)
         if n >= 0:
             value = out[1][0:n]
-            self._out = out
+            self._free.append(out)
             return value
-        self._out = out
+        self._free.append(out)
         if n == _NOTFOUND:
             return default
         raise self._error(n, key)
 
     def __getitem__(self, key: BytesLike) -> bytes:
         # get()'s body again, not a call to it: the call would cost more than the C lookup.
-        out = self._out
-        self._out = None
-        if out is None:
+        try:
+            out = self._free.pop()
+        except IndexError:
             out = self._new_buffers()
         try:
             n = _get(self._h, key, len(key), out[0], self.value_size)
@@ -374,9 +455,9 @@ class Table(_TableBase):
             n = _get(self._h, key, len(key), out[0], self.value_size)
         if n >= 0:
             value: bytes = out[1][0:n]
-            self._out = out
+            self._free.append(out)
             return value
-        self._out = out
+        self._free.append(out)
         if n == _NOTFOUND:
             raise KeyError(key)
         raise self._error(n, key)
@@ -455,9 +536,9 @@ class Table(_TableBase):
             n = _pop(self._h, key, len(key), out[0], self.value_size)
         if n >= 0:
             value: bytes = out[1][0:n]  # sliced before the buffers go back (see _buffers)
-            self._out = out
+            self._free.append(out)
             return value
-        self._out = out
+        self._free.append(out)
         if n == _NOTFOUND:
             if default is _MISSING:
                 raise KeyError(key)
@@ -473,10 +554,10 @@ class Table(_TableBase):
             self._h, key, len(key), default, len(default), out[0], self.value_size
         )
         if n < 0:
-            self._out = out
+            self._free.append(out)
             raise self._error(n, key, default)
         value: bytes = out[1][0:n]
-        self._out = out
+        self._free.append(out)
         return value
 
     def incr(self, key: BytesLike, delta: int = 1, initial: int = 0, ttl: TTL = None) -> int:
@@ -650,7 +731,18 @@ class Table(_TableBase):
         ttl_ns = _ttl_ns(ttl)
         pairs = mapping.items() if isinstance(mapping, Mapping) else mapping
         batch: dict[bytes, bytes] = {}
-        for key, value in pairs:
+        try:
+            items = iter(pairs)
+        except TypeError:
+            raise TypeError(f"set_many() takes a mapping or an iterable of (key, value) "
+                            f"pairs, not {type(mapping).__name__}") from None
+        for i, item in enumerate(items):
+            try:
+                key, value = item
+            except (TypeError, ValueError):
+                raise TypeError(f"set_many() takes a mapping or an iterable of (key, value) "
+                                f"pairs; item {i} is {type(item).__name__} {item!r:.40}"
+                                ) from None
             batch[_as_bytes(key, "key")] = _as_bytes(value, "value")
         if not batch:
             self._ensure_open()
@@ -765,15 +857,24 @@ def process_state(tid: int) -> tuple[int, str] | None:
     return pid, "alive and stopped" if stopped else "alive"
 
 
-def _describe_owner(tid: int) -> str:
-    """Who holds a lock, from the owner's thread id: its process, and whether it lives."""
+def _describe_owner(tid: int, *, other_pidns: bool = False, pid: int = 0) -> str:
+    """Who holds a lock, from the owner's thread id: its process, and whether it lives.
+    other_pidns: the holder recorded a PID namespace other than ours (pid: its process id
+    there), so its tid means nothing here and no local process is named."""
     if tid <= 0:
         return "which was released meanwhile" if tid == 0 else "held by an unknown owner"
+    if other_pidns:
+        of = f" (process {pid} there)" if pid > 0 else ""
+        return f"held by thread {tid}{of} of another PID namespace"
     found = process_state(tid)
     if found is None:
         return (f"held by thread {tid}, which does not exist here: the lock word is damaged, "
                 "or its owner lives in another PID namespace")
     return f"held by process {found[0]} ({found[1]})"
+
+
+_CODE_NAMES = {lib.SHMKV_EKEYSIZE: "EKEYSIZE", lib.SHMKV_EVALUESIZE: "EVALUESIZE",
+               lib.SHMKV_ECLOSED: "ECLOSED"}
 
 
 def _reattach(name: str, lock_timeout: float) -> Table:
