@@ -82,8 +82,99 @@ def test_oversize_keys_and_values_name_the_limit(table: shmkv.Table) -> None:
         assert str(table.key_size + 1) in str(info.value) or str(table.value_size + 1) in str(
             info.value
         )
+        # Each thing once: the limit is named once, and the table by its name.
+        what = limit.split("=")[0]
+        assert str(info.value).count(what) == 1, str(info.value)
+        assert repr(table.name) in str(info.value)
+        assert info.value.code_name == ("SHMKV_EKEYSIZE" if cls is shmkv.KeyTooLarge
+                                        else "SHMKV_EVALUESIZE")
     assert dict(table) == {b"k": b"v"}
     table.check()
+
+
+def test_a_closed_table_says_so_once(name: str) -> None:
+    t = shmkv.create(name, capacity=4, key_size=8, value_size=8)
+    t.unlink()
+    t.close()
+    for op in (lambda: t[b"k"], lambda: t.set(b"k", b"v"), lambda: len(t)):
+        with pytest.raises(shmkv.TableClosed) as info:
+            op()
+        assert str(info.value) == f"table {name!r} is closed"
+        assert info.value.code_name == "SHMKV_ECLOSED"
+
+
+@pytest.mark.parametrize("bad", [[1, 2, 3], [(b"k", b"v"), b"abc"], [(b"k",)], 5, None])
+def test_set_many_says_what_it_takes(table: shmkv.Table, bad: object) -> None:
+    with pytest.raises(TypeError, match=r"set_many\(\) takes a mapping or an iterable of "
+                                        r"\(key, value\) pairs"):
+        table.set_many(bad)  # type: ignore[arg-type]
+    assert dict(table) == {}
+
+
+BAD_TIMEOUTS = [float("inf"), float("-inf"), float("nan"), 1e10, 2e9, 0, 0.0, -1, -1e-10,
+                True, "1", None]
+
+
+@pytest.mark.parametrize("bad", BAD_TIMEOUTS)
+def test_bad_lock_timeouts_are_refused_before_anything_exists(name: str, bad) -> None:
+    """Not finite, not above 0, above MAX_LOCK_TIMEOUT (whose ns must fit the C core's
+    int64), or not a number: a ValueError from create() that leaves nothing behind, so the
+    same name can be created at once; the same from attach() and the setter."""
+    with pytest.raises(ValueError, match="lock_timeout must be a number of seconds above 0"):
+        shmkv.create(name, capacity=4, key_size=8, value_size=8, lock_timeout=bad)
+    assert not (Path("/dev/shm") / name).exists()
+    with shmkv.create(name, capacity=4, key_size=8, value_size=8) as t:
+        with pytest.raises(ValueError, match="lock_timeout"):
+            shmkv.attach(name, lock_timeout=bad)
+        with pytest.raises(ValueError, match="lock_timeout"):
+            t.lock_timeout = bad
+        assert t.lock_timeout == 5.0
+        t.unlink()
+
+
+def test_the_largest_lock_timeout_and_a_tiny_one_are_kept(mp_context, name: str) -> None:
+    """MAX_LOCK_TIMEOUT is accepted; a tiny positive timeout becomes 1 ns in C, not 0 (which
+    C reads as the 5 s default), and is reported as given."""
+    from conftest import JOIN_TIMEOUT, hold_lock, join_all
+
+    from shmkv._table import MAX_LOCK_TIMEOUT, _timeout_ns
+
+    assert _timeout_ns(1e-10) == 1 and _timeout_ns(MAX_LOCK_TIMEOUT) == 10**18 < 2**63
+    with shmkv.create(name, capacity=4, key_size=8, value_size=8,
+                      lock_timeout=MAX_LOCK_TIMEOUT) as t:
+        t.lock_timeout = 1e-10
+        ready, done = mp_context.Event(), mp_context.Event()
+        holder = mp_context.Process(target=hold_lock, args=(name, ready, done, False))
+        holder.start()
+        try:
+            assert ready.wait(JOIN_TIMEOUT)
+            with pytest.raises(shmkv.LockTimeout, match="waited 1e-10 s"):
+                t[b"k"] = b"v"
+        finally:
+            done.set()
+        assert join_all([holder]) == [0]
+        t.unlink()
+
+
+def test_a_table_that_fails_to_open_releases_its_buffer(name: str) -> None:
+    """Table() refusing a segment (a bad lock_timeout, or a segment that is no table)
+    releases cffi's buffer and closes the segment: no BufferError, nothing half-open."""
+    from shmkv import _segment
+    from shmkv._table import Table
+
+    t = shmkv.create(name, capacity=4, key_size=8, value_size=8)
+    for bad_timeout in (float("inf"), 1e10):
+        segment = _segment.open_segment(name, create=False, track=False)
+        with pytest.raises(ValueError):
+            Table(segment, name, tracked=False, lock_timeout=bad_timeout)
+        segment.close()  # already closed: no BufferError
+    segment = _segment.open_segment(name, create=False, track=False)
+    segment.buf[0:8] = b"NOTSHMKV"  # a foreign magic
+    with pytest.raises(shmkv.IncompatibleTable):
+        Table(segment, name, tracked=False)
+    segment.close()
+    t.unlink()
+    t.close()
 
 
 def test_counters_need_eight_byte_values(make_name) -> None:

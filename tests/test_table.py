@@ -233,6 +233,59 @@ def test_closed_table_raises(name: str) -> None:
     assert "closed" in repr(t)
 
 
+def test_repr_does_not_take_the_lock(mp_context, name: str) -> None:
+    """repr() reads the count without the lock: it neither waits for nor fails on another
+    process that holds it."""
+    from conftest import JOIN_TIMEOUT, hold_lock, join_all
+
+    with shmkv.create(name, capacity=4, key_size=8, value_size=8, lock_timeout=0.1) as t:
+        t[b"k"] = b"v"
+        ready, done = mp_context.Event(), mp_context.Event()
+        holder = mp_context.Process(target=hold_lock, args=(name, ready, done, False))
+        holder.start()
+        try:
+            assert ready.wait(JOIN_TIMEOUT)
+            assert repr(t) == (f"<shmkv.Table {name!r} 1/4 entries, key_size=8, "
+                               "value_size=8>")
+        finally:
+            done.set()
+        assert join_all([holder]) == [0]
+        t.unlink()
+
+
+def test_an_observer_changes_no_counter(mp_context, name: str) -> None:
+    """After _make_observer(), a handle's gets, misses, get_many and lock timeouts add
+    nothing to the table's counters, not even when it is closed (the flush)."""
+    from conftest import JOIN_TIMEOUT, hold_lock, join_all
+
+    with shmkv.create(name, capacity=8, key_size=8, value_size=8, on_full="evict") as t:
+        t[b"k"] = b"v"
+        before = t.stats()
+        look = shmkv.attach(name, lock_timeout=0.1)
+        look[b"k"]  # counted: not an observer yet
+        look._make_observer()  # drops that pending hit too
+        for _ in range(2000):  # past the 1,024 reads after which a handle flushes
+            assert look[b"k"] == b"v" and look.get(b"nope") is None and b"k" in look
+        assert look.get_many([b"k", b"nope"]) == {b"k": b"v"}
+        assert look.stats()["hits"] == before["hits"]
+        ready, done = mp_context.Event(), mp_context.Event()
+        holder = mp_context.Process(target=hold_lock, args=(name, ready, done, False))
+        holder.start()
+        try:
+            assert ready.wait(JOIN_TIMEOUT)
+            with pytest.raises(shmkv.LockTimeout):
+                look[b"k"] = b"w"
+        finally:
+            done.set()
+        assert join_all([holder]) == [0]
+        look.close()
+        after = t.stats()
+        for counter in ("hits", "misses", "lock_timeouts"):
+            assert after[counter] == before[counter], counter
+        t.check()
+        t.unlink()
+
+
 def test_check_passes_on_a_busy_table(make_name) -> None:
     with shmkv.create(make_name(), capacity=300, key_size=16, value_size=16) as t:
         for i in range(1000):
