@@ -258,6 +258,9 @@ int shmkv__lock(shmkv_t *t, int flags)
     case 0:
         break;
     case EOWNERDEAD:
+        /* The dead owner may have been a thread of this process, using this very handle
+         * (a thread that ended holding it): its `writing` is not this holder's. */
+        t->writing = 0;
         locked_recover(t);
         if (pthread_mutex_consistent(m) != 0) {
             pthread_mutex_unlock(m);

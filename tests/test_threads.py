@@ -203,3 +203,21 @@ def test_threads_taking_turns_at_every_line_get_their_own_values(name) -> None:
         assert set(values) == {key.upper() * size, None}, f"{key!r} got another's value"
     t.unlink()
     t.close()
+
+
+def test_a_thread_that_ends_holding_the_lock_is_recovered(name) -> None:
+    """The kernel hands a lock whose holder thread ended to the next locker as owner-dead,
+    as it does for a dead process: a thread of the same process, on the same handle, then
+    recovers the table (the dead thread's state in the handle is not its own) instead of
+    finding it broken."""
+    t = shmkv.create(name, capacity=8, key_size=8, value_size=8)
+    t[b"k"] = b"v"
+    holder = threading.Thread(target=t._hold_lock_for_testing)
+    holder.start()
+    holder.join(JOIN_TIMEOUT)
+    assert not holder.is_alive()
+    t[b"k"] = b"w"
+    assert t[b"k"] == b"w" and t.stats()["recoveries"] == 1
+    t.check()
+    t.unlink()
+    t.close()
