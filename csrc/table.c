@@ -103,8 +103,13 @@
  * and misses in their handle and add them to the header now and then (PENDING_FLUSH), so
  * that they write no shared line; a forked child forgets the counts its parent had pending. Other reads (get_many, iteration, ttl, stats) take the lock
  * but leave seq alone (LOCK_READ_ONLY). Lock waits time out (SHMKV_ELOCKTIMEOUT) instead of hanging
- * behind a stopped process; shmkv_lock_owner() tells who holds it. glibc trusts the mutex's
- * type word, so it is compared with a freshly made mutex's before every lock.
+ * behind a stopped process; shmkv_lock_owner() and shmkv_lock_holder() tell who holds it
+ * (lock.c, PID NAMESPACES: the mutex is NORMAL, not error-checking, so that processes of
+ * different PID namespaces with equal thread ids wait for each other). glibc trusts the
+ * mutex's type word, so it is compared with a freshly made mutex's before every lock.
+ * Whoever takes the lock and finds seq odd on a table that is not broken mends it (lock.c,
+ * locked_mend_seq): only damage, such as a flipped bit, makes it odd while the lock is free,
+ * and a writer that bumped it to even would then write with readers trusting it.
  *
  * RECOVERY
  * The pool is the source of truth; the index, the free list and count can be derived from it.
@@ -131,6 +136,9 @@
  * slot_store is a crash point of the fault injection described in layout.h.
  *
  * FORMAT
+ * Version 4 (SHMKV_FORMAT_VERSION): the lock is a robust process-shared mutex of the NORMAL
+ * type (version 3's was ERRORCHECK), followed on its cache line by the holder's PID namespace
+ * and pid; a version-3 build and a version-4 build refuse each other's tables.
  * The header starts with the magic "SHMKVTB1", the format version and a layout signature that
  * folds in the version and the sizes of the header, the entry and pthread_mutex_t, so two
  * builds that would disagree about the layout refuse to share a table. The ready flag is
