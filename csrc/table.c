@@ -1903,16 +1903,22 @@ int shmkv_testing_hold_lock(shmkv_t *t, int hold)
     return SHMKV_OK;
 }
 
-int64_t shmkv_lock_owner(shmkv_t *t)
+/* The robust-futex word's thread id (the kernel's ABI: the low 30 bits), -1 off glibc. */
+static int64_t lock_owner_tid(const shmkv_t *t)
 {
-    ENTER(t);
 #ifdef __GLIBC__
-    /* The robust-futex word: the owner's thread id in its low 30 bits (the kernel's ABI). */
     return (int64_t)(__atomic_load_n(&t->hdr->lock.__data.__lock, __ATOMIC_RELAXED) &
                      0x3fffffff);
 #else
+    (void)t;
     return -1;
 #endif
+}
+
+int64_t shmkv_lock_owner(shmkv_t *t)
+{
+    ENTER(t);
+    return lock_owner_tid(t);
 }
 
 int64_t shmkv_probe_lengths(shmkv_t *t, uint64_t *hist, uint32_t n)
@@ -1948,7 +1954,7 @@ int shmkv_lock_holder(shmkv_t *t, struct shmkv_lock_holder *out)
 
     if (out == NULL)
         return SHMKV_EARG;
-    out->tid = shmkv_lock_owner(t);
+    out->tid = lock_owner_tid(t);
     ns = __atomic_load_n(&t->hdr->holder_pidns, __ATOMIC_RELAXED);
     out->pid = __atomic_load_n(&t->hdr->holder_pid, __ATOMIC_RELAXED);
     out->same_pidns = ns == 0 || shmkv__pidns() == 0 ? -1 : ns == shmkv__pidns();
