@@ -217,13 +217,14 @@ def describe(t: _table.Table) -> dict[str, Any]:
     from ._core import lib
 
     holder = int(lib.shmkv_lock_owner(t._h))
+    held_by = t._lock_holder()  # a holder of another PID namespace is never named as local
     try:
         probes: list[int] | None = t.probe_lengths()
     except (LockTimeout, LockError):
         probes = None
     return {
         **summary(t, wait=probes is not None),
-        "lock": "free" if holder == 0 else _table._describe_owner(holder),
+        "lock": "free" if holder == 0 else held_by,
         "lock_owner_tid": holder,
         "probe_lengths": probes,
     }
