@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from .errors import LockTimeout, UntrustedTable
 
@@ -85,40 +85,31 @@ def path_of(name: str) -> str:
 
 
 def uid_of(user: UserId) -> int:
-    """A user as a uid: an int as it is, a name looked up, None the caller's euid."""
+    """A user as a uid: an int or decimal string as it is, a name looked up, None the
+    caller's euid."""
     if user is None:
         return os.geteuid()
-    if isinstance(user, bool) or not isinstance(user, (int, str)):
-        raise TypeError(f"user must be a uid, a user name or None, not {type(user).__name__}")
-    if isinstance(user, str) and user.isdigit():
-        user = int(user)
-    if isinstance(user, str):
-        try:
-            return pwd.getpwnam(user).pw_uid
-        except KeyError:
-            raise ValueError(f"no user named {user!r}") from None
-    if user < 0:
-        raise ValueError(f"user must be a uid >= 0, not {user}")
-    return user
+    return _id_of(user, "user", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def gid_of(group: UserId) -> int | None:
     """A group as a gid, or None for "any group" (then the mode may grant the group nothing)."""
     if group is None:
         return None
-    if isinstance(group, bool) or not isinstance(group, (int, str)):
-        raise TypeError(f"group must be a gid, a group name or None, "
-                        f"not {type(group).__name__}")
-    if isinstance(group, str) and group.isdigit():
-        group = int(group)
-    if isinstance(group, str):
+    return _id_of(group, "group", lambda name: grp.getgrnam(name).gr_gid)
+
+
+def _id_of(value: int | str, what: str, by_name: Callable[[str], int]) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{what} must be an id, a name or None, not {type(value).__name__}")
+    if isinstance(value, str) and not value.isdigit():
         try:
-            return grp.getgrnam(group).gr_gid
+            return by_name(value)
         except KeyError:
-            raise ValueError(f"no group named {group!r}") from None
-    if group < 0:
-        raise ValueError(f"group must be a gid >= 0, not {group}")
-    return group
+            raise ValueError(f"no {what} named {value!r}") from None
+    if int(value) < 0:
+        raise ValueError(f"{what} must be an id >= 0, not {value}")
+    return int(value)
 
 
 def check_mode(mode: Any) -> int:

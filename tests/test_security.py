@@ -153,7 +153,7 @@ def test_bad_owner_arguments() -> None:
         shmkv.create(unique_name(), **SMALL, mode=0o644 | 0o100)
     with pytest.raises(ValueError, match="mode must give the owner"):
         shmkv.create(unique_name(), **SMALL, mode=0o400)
-    with pytest.raises(TypeError, match="user must be"):
+    with pytest.raises(TypeError, match="user must be an id"):
         shmkv.attach("x", user=1.5)  # type: ignore[arg-type]
 
 
