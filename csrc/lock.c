@@ -104,6 +104,8 @@ int shmkv__lock_sane(const struct shmkv_header *h)
 static __thread int held_here;
 
 static uint64_t own_pidns;     /* 0 until first read; reset in a forked child */
+static pid_t own_pid;          /* likewise: getpid() is a system call in glibc >= 2.25, and
+                                * every lock records the holder's pid */
 
 /* The inode of this process's PID namespace, read once (0 if /proc cannot say). */
 uint64_t shmkv__pidns(void)
@@ -122,6 +124,18 @@ uint64_t shmkv__pidns(void)
 void shmkv__lock_after_fork(void)
 {
     own_pidns = 0;
+    own_pid = 0;
+}
+
+static pid_t cached_pid(void)
+{
+    pid_t pid = __atomic_load_n(&own_pid, __ATOMIC_RELAXED);
+
+    if (pid == 0) {
+        pid = getpid();
+        __atomic_store_n(&own_pid, pid, __ATOMIC_RELAXED);
+    }
+    return pid;
 }
 
 static pid_t own_tid(void)
@@ -284,7 +298,7 @@ int shmkv__lock(shmkv_t *t, int flags)
     }
     held_here++;
     __atomic_store_n(&t->hdr->holder_pidns, shmkv__pidns(), __ATOMIC_RELAXED);
-    __atomic_store_n(&t->hdr->holder_pid, (int64_t)getpid(), __ATOMIC_RELAXED);
+    __atomic_store_n(&t->hdr->holder_pid, (int64_t)cached_pid(), __ATOMIC_RELAXED);
 #ifdef SHMKV_DEBUG
     {
         int invariant;
