@@ -10,7 +10,7 @@
  * are only ever appended, never renumbered. On error, outputs and the table are unchanged.
  * A dead lock owner is repaired inside the call and never reaches the caller as an error. */
 
-#define SHMKV_ABI 2
+#define SHMKV_ABI 3
 
 #define SHMKV_OK 0
 #define SHMKV_ENOTFOUND -1

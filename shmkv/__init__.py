@@ -38,7 +38,7 @@ from .errors import (
     ValueTooLarge,
 )
 
-_EXPECTED_ABI = 2
+_EXPECTED_ABI = 3
 if _lib.shmkv_abi() != _EXPECTED_ABI:  # pragma: no cover - a stale build
     raise ImportError(
         f"shmkv's compiled core speaks ABI {_lib.shmkv_abi()}, this Python code ABI "
