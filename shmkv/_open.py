@@ -84,7 +84,9 @@ def create(
     deadline = time.monotonic() + timeout
     if not exist_ok:
         fd = _segment.shm_open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-        return _in_new_file(name, fd, layout, owner, reserve, timeout, deadline, tracked=True)
+        made = _in_new_file(name, fd, layout, owner, reserve, timeout, deadline, tracked=True)
+        assert made is not None  # without exist_ok it lays the table or raises
+        return made
     attempt = 0
     while True:
         try:
@@ -95,8 +97,11 @@ def create(
             except FileNotFoundError:
                 continue  # removed meanwhile: try to create it again
         else:
-            return _in_new_file(name, fd, layout, owner, reserve, timeout, deadline,
-                                tracked=False)
+            table = _in_new_file(name, fd, layout, owner, reserve, timeout, deadline,
+                                 tracked=False, exist_ok=True)
+            if table is not None:
+                return table
+            continue
         try:
             table = _in_existing_file(name, fd, layout, owner, reserve, timeout, deadline)
         finally:
@@ -108,17 +113,25 @@ def create(
 
 
 def _in_new_file(name: str, fd: int, layout: _Layout, owner: Owner, reserve: bool,
-                 timeout: float, deadline: float, *, tracked: bool) -> Table:
+                 timeout: float, deadline: float, *, tracked: bool,
+                 exist_ok: bool = False) -> Table | None:
     """Lays a table into the empty file this call created as fd, and closes fd. On any
-    error the file is removed again."""
+    error the file is removed again, unless another process took it over meanwhile."""
+    ours = True
     try:
         _segment.flock(fd, fcntl.LOCK_EX, deadline, name)
-        if os.fstat(fd).st_size != 0:  # taken over after lock_timeout (see _in_existing_file)
-            raise FileExistsError(f"table {name!r} was created by another process meanwhile")
+        if os.fstat(fd).st_size != 0:
+            # This creator stalled between creating the file and locking it for longer than
+            # a create(exist_ok=True) waits, which then laid the table: it is theirs now.
+            ours = False
+            if not exist_ok:
+                raise FileExistsError(f"table {name!r} was created by another process "
+                                      "while this one stalled")
+            return _in_locked_file(name, fd, layout, reserve, timeout, deadline)
         owner.apply(fd)
         return _lay(name, fd, layout, reserve, timeout, tracked=tracked)
     except BaseException:
-        if _segment.names_file(name, fd):
+        if ours and _segment.names_file(name, fd):
             _segment.unlink_segment(name, tracked=False)
         raise
     finally:
@@ -134,17 +147,22 @@ def _in_existing_file(name: str, fd: int, layout: _Layout, owner: Owner, reserve
     _segment.flock(fd, fcntl.LOCK_EX, deadline, name)
     if not _segment.names_file(name, fd):
         return None
+    return _in_locked_file(name, fd, layout, reserve, timeout, deadline)
+
+
+def _in_locked_file(name: str, fd: int, layout: _Layout, reserve: bool, timeout: float,
+                    deadline: float) -> Table | None:
+    """_in_existing_file, once the flock is held exclusively."""
     if os.fstat(fd).st_size == 0:
         # Its creator is between creating the file and locking it, or died there: give it
         # until the deadline, then take the table over.
         if time.monotonic() < deadline:
             return None
-        return _lay(name, fd, layout, reserve, timeout, tracked=False)
+        return _lay_over(name, fd, layout, reserve, timeout)
     try:
         table = _open(name, fd, timeout)
     except _Unfinished:
-        os.ftruncate(fd, 0)  # its creator died holding the lock we hold now: start over
-        return _lay(name, fd, layout, reserve, timeout, tracked=False)
+        return _lay_over(name, fd, layout, reserve, timeout)
     asked = layout._asdict()
     del asked["size"]
     found = {key: getattr(table, key) for key in asked}
@@ -157,6 +175,17 @@ def _in_existing_file(name: str, fd: int, layout: _Layout, owner: Owner, reserve
     return table
 
 
+def _lay_over(name: str, fd: int, layout: _Layout, reserve: bool, timeout: float) -> Table:
+    """Lays a table anew over what a creator that died left (we hold the flock it held);
+    on error the file is left empty, unfinished as it was."""
+    os.ftruncate(fd, 0)
+    try:
+        return _lay(name, fd, layout, reserve, timeout, tracked=False)
+    except BaseException:
+        os.ftruncate(fd, 0)
+        raise
+
+
 def _params(params: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in params.items())
 
@@ -166,6 +195,7 @@ def _lay(name: str, fd: int, layout: _Layout, reserve: bool, timeout: float, *,
     """Sizes the file (fd, flock held exclusively), writes a fresh table into it and opens
     it; the ready flag goes last, so an attacher sees a whole table or none."""
     os.ftruncate(fd, layout.size)
+    os.pwrite(fd, _segment.MAGIC, 0)  # an unfinished table is still known as shmkv's
     if reserve:
         _segment.reserve(fd, layout.size, name)
     segment = _segment.map_checked(name, fd, track=tracked)

@@ -56,6 +56,9 @@ from typing import Any, Callable, Union
 from .errors import LockTimeout, UntrustedTable
 
 MAX_NAME_LENGTH = 200
+#: The first bytes of every table (SHMKV_MAGIC in csrc/layout.h), written as soon as a new
+#: segment is sized, so that a table whose creator died is still known for shmkv's.
+MAGIC = b"SHMKVTB1"
 SHM_DIR = "/dev/shm"  # where glibc's shm_open() keeps its objects on Linux
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _HAS_TRACK_PARAMETER = sys.version_info >= (3, 13)
@@ -348,7 +351,8 @@ def unlink(name: str, *, user: UserId = None) -> None:
 
     Raises ValueError for an invalid name, FileNotFoundError if there is no such table,
     UntrustedTable if it belongs to another user than ``user`` (default: the caller), and
-    IncompatibleTable if the segment of that name is not a shmkv table (left alone).
+    IncompatibleTable if the file of that name does not start with shmkv's magic (left
+    alone: another program's segment, or an empty one).
     """
     from .errors import IncompatibleTable
 
@@ -361,9 +365,11 @@ def unlink(name: str, *, user: UserId = None) -> None:
             raise UntrustedTable(f"refusing to remove table {name!r}: it belongs to "
                                  f"{user_name(st.st_uid)}, not {user_name(expected)} "
                                  "(root may pass user= its owner)")
-        head = os.pread(fd, 8, 0) if stat.S_ISREG(st.st_mode) else b"?"
-        if head not in (b"SHMKVTB1", b"\0" * len(head)):
-            raise IncompatibleTable(f"{path_of(name)!r} is not a shmkv table: left alone")
+        if not stat.S_ISREG(st.st_mode) or os.pread(fd, len(MAGIC), 0) != MAGIC:
+            raise IncompatibleTable(
+                f"{path_of(name)!r} is not a shmkv table (no magic; an empty file can be one "
+                "whose creator died before sizing it): left alone; remove it with rm if you "
+                "know whose it is")
         unlink_segment(name, tracked=False, identity=(st.st_dev, st.st_ino))
     finally:
         os.close(fd)

@@ -259,16 +259,17 @@ def _list_row(entry: str, lock_timeout: float) -> dict[str, Any] | None:
     except (ValueError, TypeError):
         return other("semaphore" if entry.startswith("sem.") else "not a valid table name")
     if st.st_size == 0:
-        return {**row, "status": "unfinished"}
+        return other("empty: another program's, or a table whose creator died before "
+                     "sizing it")
     try:
         t = opening.attach(entry, lock_timeout=lock_timeout, _inspect=True)
     except FileNotFoundError:
         return None
     except IncompatibleTable as exc:
         head = _head(path)  # tells shmkv's own files from those of another program
-        if head in (_MAGIC, bytes(len(_MAGIC))) and _unfinished(exc):
+        if head == _segment.MAGIC and _unfinished(exc):
             return {**row, "status": "unfinished"}
-        if head == _MAGIC:
+        if head == _segment.MAGIC:
             return {**row, "status": "incompatible", "reason": clean(str(exc))}
         return other(str(exc))
     except PermissionError:
@@ -285,18 +286,15 @@ def _list_row(entry: str, lock_timeout: float) -> dict[str, Any] | None:
     return {**{k: d[k] for k in _ROW_KEYS}, "size": st.st_size, "status": "table"}
 
 
-_MAGIC = b"SHMKVTB1"  # the first 8 bytes of every table: SHMKV_MAGIC in csrc/layout.h
-
-
 def _head(path: str) -> bytes | None:
-    """The first 8 bytes of a file (where a table has its magic, or zeros until its creator
-    writes it); None if they cannot be read."""
+    """The first 8 bytes of a file (where a table, even an unfinished one, has its magic);
+    None if they cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        return os.pread(fd, len(_MAGIC), 0)
+        return os.pread(fd, len(_segment.MAGIC), 0)
     except OSError:
         return None
     finally:

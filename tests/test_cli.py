@@ -44,10 +44,13 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changes a segment's o
 
 def shm_file(name: str, size: int = 0) -> str:
     """Makes /dev/shm/NAME as a creator killed before (size 0) or after sizing it would
-    leave it; the make_name fixture removes it."""
+    leave it (a sized one starts with shmkv's magic, written right after sizing, before the
+    header is laid); the make_name fixture removes it."""
     path = os.path.join(cli.SHM_DIR, name)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     os.ftruncate(fd, size)
+    if size:
+        os.pwrite(fd, _segment.MAGIC, 0)
     os.close(fd)
     return path
 
@@ -174,14 +177,18 @@ def test_unlink_refuses_foreign_segments(make_name, capsys) -> None:
 
 
 def test_unlink_absent_and_unfinished_tables(make_name, capsys) -> None:
-    """Exit 2 for no such table; a table whose creator died while creating it (an empty
-    file, or a sized one never marked ready) is removed, exit 0."""
+    """Exit 2 for no such table; a table whose creator died while creating it (sized, with
+    the magic, never marked ready) is removed, exit 0; an empty file, which may as well be
+    another program's, is left alone, exit 3."""
     assert main(["--unlink", make_name(), "--yes"]) == 2
     assert "no such table" in capsys.readouterr().err
-    for size in (0, 4096):
-        path = shm_file(make_name(), size)
-        assert main(["--unlink", os.path.basename(path), "--yes"]) == 0, capsys.readouterr()
-        assert not os.path.exists(path)
+    path = shm_file(make_name(), 4096)
+    assert main(["--unlink", os.path.basename(path), "--yes"]) == 0, capsys.readouterr()
+    assert not os.path.exists(path)
+    path = shm_file(make_name(), 0)
+    assert main(["--unlink", os.path.basename(path), "--yes"]) == 3
+    assert "not a shmkv table" in capsys.readouterr().err
+    assert os.path.exists(path)
 
 
 def _unlink_as_nobody(name: str, conn) -> None:
@@ -295,8 +302,9 @@ def test_help_lists_the_exit_codes(capsys) -> None:
 
 
 def test_the_listing_never_waits_for_unfinished_files(make_name, monkeypatch, capsys) -> None:
-    """20 files that creators left unfinished (10 empty, 10 sized and never marked ready)
-    and one whose creator is at work (it holds the flock) are listed as unfinished at once:
+    """10 files that creators left unfinished (sized and never marked ready) and one whose
+    creator is at work (it holds the flock) are listed as unfinished at once, and 10 empty
+    files (a creator's before sizing, or another program's: no telling) as other files:
     nothing waits for them (the back-off between tries fails the test). Another program's
     file that it happens to flock is not taken for an unfinished table."""
     def no_waiting(attempt: int) -> None:
@@ -313,13 +321,15 @@ def test_the_listing_never_waits_for_unfinished_files(make_name, monkeypatch, ca
         fcntl.flock(foreign_fd, fcntl.LOCK_EX)
         assert main(["--json", "--all"]) == 0
         rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-        for name in [*names, busy]:
+        for name in [*names[10:], busy]:
             assert rows[name]["status"] == "unfinished", rows[name]
             assert (rows[name]["owner"], rows[name]["mode"]) == (ME, "0600")
-        assert rows[foreign]["status"] == "other"
+        for name in [*names[:10], foreign]:
+            assert rows[name]["status"] == "other", rows[name]
+        assert "empty" in rows[names[0]]["reason"]
         assert main([]) == 0
         out = capsys.readouterr().out
-        assert out.count("UNFINISHED") >= 21
+        assert out.count("UNFINISHED") >= 11
         assert main([busy]) == 3 and main([names[0]]) == 3 and main([names[-1]]) == 3
         assert "never finished" in capsys.readouterr().err
     finally:

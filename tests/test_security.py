@@ -360,6 +360,49 @@ def test_a_creator_killed_while_creating(make_name, mp_context, then: str) -> No
     assert not [f for f in os.listdir(_segment.SHM_DIR) if name in f and f != name]
 
 
+def _stall_before_locking(name: str, exist_ok: bool, conn: Any) -> None:
+    """A creator that stops between creating the file and taking its flock (a stopped or
+    starved process) until the parent says go; reports what its create() then did."""
+    real_flock = _segment.flock
+
+    def stalled(*args: Any) -> None:
+        _segment.flock = real_flock  # type: ignore[assignment]
+        conn.send("created the file")
+        conn.recv()
+        real_flock(*args)
+
+    _segment.flock = stalled  # type: ignore[assignment]
+    try:
+        with shmkv.create(name, **SMALL, exist_ok=exist_ok) as t:
+            conn.send(f"attached: {t.get(b'k')!r}")
+    except Exception as exc:
+        conn.send(type(exc).__name__)
+    conn.close()
+
+
+@pytest.mark.parametrize("exist_ok", [False, True], ids=["create", "create-exist-ok"])
+def test_a_stalled_creator_never_removes_the_table_laid_over_its_file(
+    make_name, mp_context, exist_ok: bool
+) -> None:
+    """A creator that stalls between creating the file and locking it, for longer than a
+    create(exist_ok=True) waits, finds the table laid by that one when it wakes: it must not
+    remove it (it used to, as its own failed create), and with exist_ok it attaches."""
+    name = make_name()
+    parent, child = mp_context.Pipe()
+    p = mp_context.Process(target=_stall_before_locking, args=(name, exist_ok, child))
+    p.start()
+    assert parent.poll(JOIN_TIMEOUT) and parent.recv() == "created the file"
+    with shmkv.create(name, **SMALL, exist_ok=True, lock_timeout=0.2) as t:
+        t[b"k"] = b"B"
+        parent.send("go")
+        assert parent.poll(JOIN_TIMEOUT)
+        outcome = parent.recv()
+        assert join_all([p]) == [0]
+        assert outcome == ("attached: b'B'" if exist_ok else "FileExistsError")
+        with shmkv.attach(name) as again:
+            assert again[b"k"] == b"B"
+
+
 # ---------------------------------------------------------------------- failures leave nothing
 
 
