@@ -39,6 +39,9 @@ def connect(url: str, **options: Any) -> AnyTable:
     """
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, not {type(url).__name__}")
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in url):
+        # urlsplit() drops tabs and newlines silently: "shm://a\tb" would name table "ab".
+        raise ValueError(f"{url!r}: a URL has no control characters (percent-encode them)")
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     query.update(options)

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import struct
 import threading
+import weakref
 from array import array
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from datetime import timedelta
@@ -249,6 +251,7 @@ class Table(_TableBase):
         self._h: Any = ffi.NULL
         self._base: Any = None
         self._close_lock = threading.Lock()
+        _live[id(self)] = self
         # Buffers a value is read into, as (cdata, buffer) pairs: see THREADS above.
         # Below the buffers lie _SENTINELS Nones, so that the list never runs empty: a list
         # that pop() empties frees its array and the next append() allocates it again, which
@@ -852,6 +855,20 @@ class Table(_TableBase):
         rc = lib.shmkv_testing_hold_lock(self._h, 0 if not hold else 1 if writer else 2)
         if rc < 0:
             raise self._error(rc)
+
+
+# Every Table of this process, so that a forked child can give each a fresh close() lock: a
+# thread of the parent that was inside close() when another forked holds it, and no such
+# thread exists in the child to release it.
+_live: weakref.WeakValueDictionary[int, Table] = weakref.WeakValueDictionary()
+
+
+def _after_fork_in_child() -> None:
+    for table in list(_live.values()):
+        table._close_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def process_state(tid: int) -> tuple[int, str] | None:

@@ -280,6 +280,26 @@ def test_the_exit_hook_keeps_a_table_an_upgrade_still_uses(monkeypatch, make_nam
         shmkv.attach(name).close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a group other than one's own needs root")
+def test_the_hooks_keep_the_urls_own_group_and_mode(monkeypatch, make_name) -> None:
+    """A URL that shares its table by group (group= and mode=0660) keeps that group: the
+    hooks add gunicorn's user and group only where the URL names none, or the workers,
+    which connect with the URL alone, would refuse the table."""
+    from shmkv.contrib import gunicorn_conf
+
+    name = make_name()
+    url = f"shm://{name}?capacity=10&group=65534&mode=660"
+    monkeypatch.setenv("SHMKV_URL", url)
+    arbiter = FakeArbiter(uid=0, gid=0)
+    gunicorn_conf.on_starting(arbiter)
+    try:
+        st = os.stat(f"/dev/shm/{name}")
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 65534, 0o660)
+        shmkv.connect(url).close()  # what a worker does
+    finally:
+        gunicorn_conf.on_exit(arbiter)
+
+
 def test_the_exit_hook_keeps_a_table_another_live_server_created(make_name,
                                                                  mp_context) -> None:
     name = make_name()

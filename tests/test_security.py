@@ -79,6 +79,13 @@ def test_portable_names_work(good: str) -> None:
             os.unlink(path(name))
 
 
+@pytest.mark.parametrize("url", ["shm://rv\turl", "shm://rv\nurl", "shm://a?capacity=8\r"])
+def test_connect_refuses_control_characters(url: str) -> None:
+    """urlsplit() drops tabs and newlines silently: "shm://rv\turl" named table "rvurl"."""
+    with pytest.raises(ValueError, match="control characters"):
+        shmkv.connect(url)
+
+
 def test_table_cannot_be_another_tables_semaphore_or_tracker_line(make_name) -> None:
     """The names that once reached another table: glibc's semaphore file of a table, and a
     resource-tracker line that registered a victim."""

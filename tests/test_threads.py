@@ -221,3 +221,36 @@ def test_a_thread_that_ends_holding_the_lock_is_recovered(name) -> None:
     t.check()
     t.unlink()
     t.close()
+
+
+def _close_in_child(t: shmkv.Table) -> None:
+    t.close()  # hangs if the lock a parent thread held at the fork is still taken
+
+
+def test_close_in_a_child_forked_while_a_thread_was_closing(table: shmkv.Table) -> None:
+    """A thread of the parent inside close() holds the table's close lock when another
+    thread forks: the child, where that thread does not exist, must still be able to
+    close() (the lock is renewed in the child)."""
+    import multiprocessing
+    import threading
+
+    from conftest import JOIN_TIMEOUT, join_all
+
+    holding, release = threading.Event(), threading.Event()
+
+    def closer_stuck_inside() -> None:
+        with table._close_lock:  # as close() holds it while it waits for calls in flight
+            holding.set()
+            release.wait(JOIN_TIMEOUT)
+
+    thread = threading.Thread(target=closer_stuck_inside)
+    thread.start()
+    try:
+        assert holding.wait(JOIN_TIMEOUT)
+        child = multiprocessing.get_context("fork").Process(target=_close_in_child,
+                                                            args=(table,))
+        child.start()
+        assert join_all([child]) == [0]
+    finally:
+        release.set()
+        thread.join(JOIN_TIMEOUT)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import atexit
 import os
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import shmkv
 from shmkv._table import process_state
@@ -73,7 +73,12 @@ def on_starting(server: Any) -> None:
     global _table, _server, _master
     uid, gid = server.cfg.uid, server.cfg.gid
     url = table_url(uid)
-    options = {"user": uid, "group": gid} if urlsplit(url).scheme == "shm" else {}
+    parts = urlsplit(url)
+    # The workers' user and group, unless the URL names them itself (group= with mode=0660
+    # to share by group): the workers connect with the URL alone and must find the same.
+    given = {key for key, _ in parse_qsl(parts.query)}
+    options = ({key: value for key, value in (("user", uid), ("group", gid))
+                if key not in given} if parts.scheme == "shm" else {})
     _table = shmkv.connect(url, **options)
     os.environ["SHMKV_URL"] = url
     # Some exits skip on_exit: a worker that fails to boot makes the master halt, and the
