@@ -111,6 +111,7 @@ struct shmkv {
     uint32_t inflight;
     uint32_t closing;
     int observer;              /* shmkv_observe(): count no reads, timeouts or uses */
+    int no_lock;               /* shmkv_forbid_lock(): shmkv__lock() fails, SHMKV_ENOLOCK */
     struct shmkv *prev, *next; /* table.c's list of live handles, for fork (registry_lock) */
     unsigned char *base;
     uint64_t size;

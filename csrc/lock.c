@@ -250,6 +250,7 @@ static void locked_mend_seq(shmkv_t *t, int broken)
 
 /* Takes the table's lock. 0: held (after repairing the table if its last owner died).
  * SHMKV_ELOCKTIMEOUT: still held by another process after the handle's timeout.
+ * SHMKV_ENOLOCK: the handle may not lock (shmkv_forbid_lock()).
  * SHMKV_EBROKEN: the mutex was left unrecoverable, or the table is marked broken (unless
  * flags has LOCK_EVEN_BROKEN). SHMKV_ELOCK: any other failure, such as this thread holding
  * the lock already or a lock word that corruption made nonsense. */
@@ -258,6 +259,8 @@ int shmkv__lock(shmkv_t *t, int flags)
     pthread_mutex_t *m = &t->hdr->lock;
     int rc;
 
+    if (t->no_lock)
+        return SHMKV_ENOLOCK;
     if (lock_kind_of(t->hdr) != t->lock_kind)
         return SHMKV_ELOCK;
     rc = pthread_mutex_trylock(m);

@@ -30,8 +30,9 @@
 #define SHMKV_EBUFSIZE -15
 #define SHMKV_ECHECK -16
 #define SHMKV_ENOMEM -17
+#define SHMKV_ENOLOCK -18
 /* One past the most negative code: tests walk SHMKV_OK > code > SHMKV_ELAST. */
-#define SHMKV_ELAST -18
+#define SHMKV_ELAST -19
 
 /* Results of shmkv_put(). SHMKV_EVICTED is or-ed into SHMKV_INSERTED when a live entry was
  * evicted to make room for the new key (only in tables created with SHMKV_EVICT). */
@@ -123,6 +124,12 @@ void shmkv_free(shmkv_t *t);
  * counters (hits, misses, lock timeouts) and mark no key used for eviction, so that
  * inspecting a table changes nothing in it. Pending counts are dropped. */
 int shmkv_observe(shmkv_t *t);
+/* Forbids the handle the table's lock: every call that would take it fails with
+ * SHMKV_ENOLOCK instead, and reads stay optimistic. For inspecting another user's table:
+ * glibc links a robust mutex it locks into the locking thread's list through pointers kept
+ * in the mutex itself, in memory that user can write, and writes through them at unlock;
+ * and a locker may have to run recovery on that user's data. */
+int shmkv_forbid_lock(shmkv_t *t);
 /* Lock waits longer than this fail with SHMKV_ELOCKTIMEOUT; <= 0 means the default. */
 void shmkv_set_lock_timeout(shmkv_t *t, int64_t nanoseconds);
 

@@ -238,6 +238,7 @@ const char *shmkv_strerror(int code)
     case SHMKV_EBUFSIZE: return "output buffer too small";
     case SHMKV_ECHECK: return "table failed its invariant check";
     case SHMKV_ENOMEM: return "out of memory";
+    case SHMKV_ENOLOCK: return "this handle may not take the table's lock";
     default: return "unknown error";
     }
 }
@@ -625,6 +626,13 @@ int shmkv_observe(shmkv_t *t)
     ENTER(t);
     t->observer = 1;
     t->pending_hits = t->pending_misses = 0;
+    return SHMKV_OK;
+}
+
+int shmkv_forbid_lock(shmkv_t *t)
+{
+    ENTER(t);
+    t->no_lock = 1;
     return SHMKV_OK;
 }
 

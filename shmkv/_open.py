@@ -262,7 +262,8 @@ def attach(
     lock_timeout, and IncompatibleTable if it is not a shmkv table this build can use
     (foreign, truncated, another format, or never finished because its creator died).
     """
-    # _inspect (shmkv-inspect): any owner, never waits, and the handle changes no counter.
+    # _inspect (shmkv-inspect): any owner, never waits, the handle changes no counter, and
+    # it never takes the lock of another user's table (Table._forbid_lock).
     name = _segment.check_name(name)
     timeout = _timeout(lock_timeout)
     owner = Owner(user, group, mode)
@@ -290,6 +291,8 @@ def attach(
                         "removes it") from None
                 if _inspect:
                     table._make_observer()
+                    if os.fstat(fd).st_uid != os.geteuid():
+                        table._forbid_lock()  # another user's: read, never lock
                 return table
             if _inspect or time.monotonic() >= deadline:
                 raise _unfinished(

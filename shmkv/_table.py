@@ -420,6 +420,14 @@ class Table(_TableBase):
         if rc < 0:
             raise self._error(rc)
 
+    def _forbid_lock(self) -> None:
+        """Forbids this handle the table's lock, for inspecting another user's table: a call
+        that would take it raises UntrustedTable instead (see shmkv_forbid_lock() for why);
+        gets stay optimistic. TableClosed if closed."""
+        rc = lib.shmkv_forbid_lock(self._h)
+        if rc < 0:
+            raise self._error(rc)
+
     def _new_buffers(self) -> Any:
         # A new (cdata, buffer) pair, for a caller whose pop() found a sentinel (given back
         # here) or nothing. TableClosed once closed (close() empties the list).

@@ -50,7 +50,14 @@ from typing import Any, Callable, NoReturn
 
 from . import _open as opening
 from . import _segment, _table
-from .errors import CheckFailed, Error, IncompatibleTable, LockError, LockTimeout
+from .errors import (
+    CheckFailed,
+    Error,
+    IncompatibleTable,
+    LockError,
+    LockTimeout,
+    UntrustedTable,
+)
 
 SHM_DIR = "/dev/shm"
 DEFAULT_LOCK_TIMEOUT = 0.5  # seconds one read waits for a lock another process holds
@@ -199,7 +206,7 @@ def summary(t: _table.Table, wait: bool = True) -> dict[str, Any]:
     for): it then reads the counters without it, as it does at once with wait=False."""
     try:
         stats = t.stats(wait=wait)
-    except (LockTimeout, LockError):
+    except (LockTimeout, LockError, UntrustedTable):  # held, damaged, or not ours to lock
         stats = t.stats(wait=False)
     st = _fstat(t)
     return {
@@ -220,7 +227,7 @@ def describe(t: _table.Table) -> dict[str, Any]:
     held_by = t._lock_holder()  # a holder of another PID namespace is never named as local
     try:
         probes: list[int] | None = t.probe_lengths()
-    except (LockTimeout, LockError):
+    except (LockTimeout, LockError, UntrustedTable):  # held, damaged, or not ours to lock
         probes = None
     return {
         **summary(t, wait=probes is not None),

@@ -98,6 +98,8 @@ _ERRORS: dict[int, tuple[type[Exception], str]] = {
     lib.SHMKV_EBUFSIZE: (Error, ""),
     lib.SHMKV_ECHECK: (CheckFailed, ""),
     lib.SHMKV_ENOMEM: (builtins.MemoryError, ""),
+    lib.SHMKV_ENOLOCK: (UntrustedTable, "another user's table is inspected without its lock; "
+                        "run as its owner for what needs the lock"),
 }
 
 

@@ -419,3 +419,40 @@ def test_a_held_lock_is_shown_not_waited_for(filled, capsys) -> None:
         holder.join(TIMEOUT)
     assert holder.exitcode == 0
     assert filled[b"user:01"] == b"name 1"
+
+
+def _die_holding_the_lock(name: str, uid: int, ready) -> None:
+    """A child: takes the lock of a table owned by uid and dies holding it, so that the
+    next process to lock it finds the owner dead and runs recovery on the table."""
+    t = shmkv.attach(name, user=uid)
+    t._hold_lock_for_testing()
+    ready.set()
+    os._exit(0)
+
+
+@needs_root
+def test_root_never_locks_another_users_table(make_name, mp_context, capsys) -> None:
+    """Root reads another user's table without its lock: glibc writes through list links
+    kept in a robust mutex it locks, which that user can rewrite, and a locker may have to
+    run recovery on that user's data. So the views that need no lock work, those that need
+    it exit 6 saying why, and nothing is recovered."""
+    name = make_name()
+    with shmkv.create(name, capacity=8, key_size=8, value_size=8, exist_ok=True) as t:
+        t[b"k"] = b"v"
+    os.chown(os.path.join(cli.SHM_DIR, name), 65534, 65534)
+    ready = mp_context.Event()
+    child = mp_context.Process(target=_die_holding_the_lock, args=(name, 65534, ready))
+    child.start()
+    child.join(JOIN_TIMEOUT)
+    assert ready.is_set() and child.exitcode == 0
+    assert main([name]) == 0
+    assert "recoveries 0" in capsys.readouterr().out
+    for argv in (["--check"], ["--keys"], ["--get", "k"]):
+        assert main([name, *argv]) == 6, argv
+        err = capsys.readouterr().err
+        assert "without its lock" in err and err.count("\n") == 1, err
+    owner_view = shmkv.attach(name, user=65534)
+    try:
+        assert owner_view.stats(wait=False)["recoveries"] == 0  # nobody locked it
+    finally:
+        owner_view.close()
