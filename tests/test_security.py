@@ -414,10 +414,23 @@ def test_a_stalled_creator_never_removes_the_table_laid_over_its_file(
 
 
 def _mine(listing: set[str]) -> set[str]:
-    """/dev/shm without the tables of other test processes running beside this one."""
+    """/dev/shm without the files of other test processes running beside this one: their
+    tables, and multiprocessing's semaphores (sem.mp-...)."""
     others = re.compile(r"shmkv-test-(\d+)-")
-    return {f for f in listing
-            if not ((m := others.search(f)) and int(m.group(1)) != os.getpid())}
+    return {f for f in listing if not f.startswith("sem.mp-")
+            and not ((m := others.search(f)) and int(m.group(1)) != os.getpid())}
+
+
+def _snapshot() -> dict[str, bytes]:
+    """Each file of /dev/shm that is this process's, and its bytes."""
+    found = {}
+    for f in _mine(set(os.listdir(_segment.SHM_DIR))):
+        try:
+            with open(path(f), "rb") as file:
+                found[f] = file.read()
+        except OSError:
+            found[f] = b"?"
+    return found
 
 
 FAILURES = {
@@ -428,10 +441,26 @@ FAILURES = {
 }
 
 
-@settings(max_examples=60, deadline=None,
+def _existing(name: str, kind: str) -> None:
+    """What already has the name before the create: nothing, a table whose creator died
+    after sizing it, an empty file, another program's segment, or a finished table."""
+    if kind == "nothing":
+        return
+    if kind == "table":
+        shmkv.create(name, capacity=4, key_size=4, value_size=4, exist_ok=True).close()
+        return
+    data = {"unfinished": _segment.MAGIC + bytes(4088), "empty": b"",
+            "foreign": b"NOTSHMKV" + bytes(4088)}[kind]
+    fd = os.open(path(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.write(fd, data)
+    os.close(fd)
+
+
+@settings(max_examples=80, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     name=st.one_of(st.sampled_from(BAD_NAMES), st.just("GOOD")),
+    existing=st.sampled_from(["nothing", "unfinished", "empty", "foreign", "table"]),
     capacity=st.sampled_from([0, 1, 8, -1, 2**40, 1.5, "8"]),
     value_size=st.sampled_from([8, 0, 2**31, None]),
     on_full=st.sampled_from(["error", "evict", "bogus"]),
@@ -442,40 +471,47 @@ FAILURES = {
     failure=st.sampled_from(sorted(FAILURES)),
 )
 def test_a_create_that_raises_leaves_dev_shm_as_it_found_it(
-    monkeypatch: pytest.MonkeyPatch, name: str, capacity: Any, value_size: Any, on_full: str,
-    lock_timeout: float, mode: Any, exist_ok: bool, via_url: bool, failure: str,
+    monkeypatch: pytest.MonkeyPatch, name: str, existing: str, capacity: Any, value_size: Any,
+    on_full: str, lock_timeout: float, mode: Any, exist_ok: bool, via_url: bool, failure: str,
 ) -> None:
-    """Whatever the arguments, and wherever creation fails (owner, reserve, mapping), a
-    create() or connect() that raises leaves /dev/shm as it was; one that succeeds adds
-    exactly its table."""
-    if name == "GOOD":
+    """Whatever the arguments, whatever has the name already, and wherever creation fails
+    (owner, reserve, mapping), a create() or connect() that raises leaves /dev/shm as it was:
+    the same files with the same bytes, except that an unfinished table may be left empty
+    (still unfinished); one that succeeds adds exactly its table, or attaches."""
+    good = name == "GOOD"
+    if good:
         name = unique_name()
-    before = _mine(set(os.listdir(_segment.SHM_DIR)))
-    with monkeypatch.context() as patch:
-        if FAILURES[failure]:
-            def fail(*args: Any, **kwargs: Any) -> None:
-                raise OSError(28, f"injected failure in {failure}")
-
-            target = _segment.Owner if failure == "owner" else _segment
-            patch.setattr(target, FAILURES[failure], fail)
-        params: dict[str, Any] = {"capacity": capacity, "key_size": 8, "on_full": on_full,
-                                  "lock_timeout": lock_timeout, "mode": mode}
-        if value_size is not None:
-            params["value_size"] = value_size
-        try:
-            if via_url:
-                from urllib.parse import quote, urlencode
-
-                query = urlencode({k: oct(v)[2:] if k == "mode" and isinstance(v, int) else v
-                                   for k, v in params.items()})
-                t = shmkv.connect(f"shm://{quote(name, safe='')}?{query}")
-            else:
-                t = shmkv.create(name, exist_ok=exist_ok, **params)
-        except Exception:
-            assert _mine(set(os.listdir(_segment.SHM_DIR))) == before
-            return
+        _existing(name, existing)
     try:
-        assert _mine(set(os.listdir(_segment.SHM_DIR))) - before == {name}
-    finally:
-        t.unlink()
+        before = _snapshot()
+        with monkeypatch.context() as patch:
+            if FAILURES[failure]:
+                def fail(*args: Any, **kwargs: Any) -> None:
+                    raise OSError(28, f"injected failure in {failure}")
+
+                target = _segment.Owner if failure == "owner" else _segment
+                patch.setattr(target, FAILURES[failure], fail)
+            params: dict[str, Any] = {"capacity": capacity, "key_size": 8, "on_full": on_full,
+                                      "lock_timeout": lock_timeout, "mode": mode}
+            if value_size is not None:
+                params["value_size"] = value_size
+            try:
+                if via_url:
+                    from urllib.parse import quote, urlencode
+
+                    query = urlencode({k: oct(v)[2:] if k == "mode" and isinstance(v, int)
+                                       else v for k, v in params.items()})
+                    t = shmkv.connect(f"shm://{quote(name, safe='')}?{query}")
+                else:
+                    t = shmkv.create(name, exist_ok=exist_ok, **params)
+            except Exception:
+                after = _snapshot()
+                if existing == "unfinished" and good and after.get(name) == b"":
+                    after[name] = before[name]  # laid over, failed, left unfinished again
+                assert after == before
+                return
+        assert set(_snapshot()) - set(before) == ({name} if existing == "nothing" else set())
         t.close()
+    finally:
+        if good and os.path.exists(path(name)):
+            os.unlink(path(name))
