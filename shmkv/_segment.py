@@ -214,12 +214,20 @@ def same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def named(name: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file the name refers to now, None if none: what tells a
+    table's file from any other that takes its name later."""
+    try:
+        st = os.lstat(path_of(name))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def names_file(name: str, fd: int) -> bool:
     """Whether the name still refers to the file open as fd (not removed, not replaced)."""
-    try:
-        return same_file(os.lstat(path_of(name)), os.fstat(fd))
-    except FileNotFoundError:
-        return False
+    st = os.fstat(fd)
+    return named(name) == (st.st_dev, st.st_ino)
 
 
 def flock(fd: int, operation: int, deadline: float, name: str) -> None:
@@ -313,16 +321,12 @@ def _forget_replaced() -> None:
     tables this process created: removed by someone else (no "leaked" warning for what is
     gone), or since taken by another table (which the tracker would remove by name)."""
     for name, identity in list(_owned.items()):
-        try:
-            st = os.lstat(path_of(name))
-        except OSError:
-            st = None
-        if st is None or (st.st_dev, st.st_ino) != identity:
+        if named(name) != identity:
             _forget(name)
 
 
 def identity(segment: shared_memory.SharedMemory) -> tuple[int, int]:
-    """What tells a segment's file from any other that takes its name later."""
+    """(st_dev, st_ino) of a segment's file (see named())."""
     st = os.fstat(segment._fd)  # type: ignore[attr-defined]
     return (st.st_dev, st.st_ino)
 
@@ -331,14 +335,9 @@ def unlink_segment(name: str, *, tracked: bool, identity: tuple[int, int] | None
     """Removes the segment's name (mappings stay valid until closed) and forgets it in the
     resource tracker. With identity, only if the name still refers to that file:
     FileNotFoundError if it was removed, or taken by another table since (left alone)."""
-    if identity is not None:
-        try:
-            st = os.lstat(path_of(name))
-        except FileNotFoundError:
-            st = None
-        if st is None or (st.st_dev, st.st_ino) != identity:
-            _forget(name)
-            raise FileNotFoundError(errno.ENOENT, f"table {name!r} was already removed")
+    if identity is not None and named(name) != identity:
+        _forget(name)
+        raise FileNotFoundError(errno.ENOENT, f"table {name!r} was already removed")
     _posixshmem.shm_unlink("/" + name)
     if tracked or name in _owned:
         _forget(name)
