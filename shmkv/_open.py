@@ -297,8 +297,9 @@ def attach(
             if _inspect or time.monotonic() >= deadline:
                 raise _unfinished(
                     f"table {name!r} was never finished: its segment is empty (its creator "
-                    f"died before sizing it, or it is no table); shmkv.unlink({name!r}) "
-                    "removes it")
+                    "died before sizing it, or it is another program's); create(..., "
+                    "exist_ok=True) takes it over after lock_timeout, or remove "
+                    f"{_segment.path_of(name)!r} by hand")
         finally:
             os.close(fd)
         _segment.back_off(attempt)
