@@ -210,10 +210,6 @@ def _describe(name: str) -> str:
             f"mode {stat.S_IMODE(st.st_mode):04o}")
 
 
-def same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
 def named(name: str) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the file the name refers to now, None if none: what tells a
     table's file from any other that takes its name later."""
@@ -224,10 +220,15 @@ def named(name: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+def fd_identity(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of the file open as fd (see named())."""
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
 def names_file(name: str, fd: int) -> bool:
     """Whether the name still refers to the file open as fd (not removed, not replaced)."""
-    st = os.fstat(fd)
-    return named(name) == (st.st_dev, st.st_ino)
+    return named(name) == fd_identity(fd)
 
 
 def flock(fd: int, operation: int, deadline: float, name: str) -> None:
@@ -289,7 +290,7 @@ def map_checked(name: str, fd: int, *, track: bool) -> Segment:
     """Maps the file open as fd, by its name (SharedMemory opens names only), and makes sure
     the mapping is of that same file. FileNotFoundError if the name went meanwhile."""
     segment = open_segment(name, create=False, track=track)
-    if same_file(os.fstat(segment._fd), os.fstat(fd)):  # type: ignore[attr-defined]
+    if identity(segment) == fd_identity(fd):
         return segment
     segment.close()
     if track:
@@ -327,8 +328,7 @@ def _forget_replaced() -> None:
 
 def identity(segment: shared_memory.SharedMemory) -> tuple[int, int]:
     """(st_dev, st_ino) of a segment's file (see named())."""
-    st = os.fstat(segment._fd)  # type: ignore[attr-defined]
-    return (st.st_dev, st.st_ino)
+    return fd_identity(segment._fd)  # type: ignore[attr-defined]
 
 
 def unlink_segment(name: str, *, tracked: bool, identity: tuple[int, int] | None = None) -> None:

@@ -360,7 +360,8 @@ def held_lock(app, table, request):
     import multiprocessing
 
     if not isinstance(table, shmkv.Table):
-        pytest.skip("the lock is a shared-memory table's")
+        pytest.skip("a Redis table has no lock of its own to hold: these cases are about "
+                    "a shared-memory table's lock")
     ctx = multiprocessing.get_context("fork")
     ready, done = ctx.Event(), ctx.Event()
     child = ctx.Process(target=hold_lock, args=(table.name, ready, done, False, request.param))
