@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import selectors
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +25,11 @@ import shmkv
 JOIN_TIMEOUT = 60.0
 
 START_METHODS = ["fork", "spawn"]
+
+# A process that outlives its join gets this signal before it is killed, and prints where its
+# threads are in Python (forked children inherit the handler; spawned ones import this module).
+STACK_SIGNAL = signal.SIGUSR2
+faulthandler.register(STACK_SIGNAL, all_threads=True)
 
 
 def unique_name(prefix: str = "shmkv-test") -> str:
@@ -133,6 +141,32 @@ def hold_lock(name: str, ready, done, die: bool, writer: bool = True) -> None:
     t.close()
 
 
+def describe_stuck(pid: int) -> str:
+    """What a process that outlived its join is doing, for the failing test's log: its state,
+    where it waits in the kernel, its native stack if gdb is installed, and its Python stack."""
+    lines = [f"process {pid} outlived its join:"]
+    for field in ("stat", "wchan", "syscall"):
+        try:
+            with open(f"/proc/{pid}/{field}") as f:
+                lines.append(f"  {field}: {f.read().strip()}")
+        except OSError as e:
+            lines.append(f"  {field}: {e}")
+    gdb = shutil.which("gdb")
+    if gdb is not None:
+        try:
+            out = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex",
+                                  "thread apply all bt 25"], capture_output=True, text=True,
+                                 timeout=60)
+            lines.append(out.stdout[:8000])
+        except subprocess.TimeoutExpired:
+            lines.append("  gdb timed out")
+    try:
+        os.kill(pid, STACK_SIGNAL)  # faulthandler prints its Python stack to our stderr
+    except OSError:
+        pass
+    return "\n".join(lines)
+
+
 def join_all(processes: list, timeout: float = JOIN_TIMEOUT) -> list[int | None]:
     """Joins every process within timeout (in all); kills stragglers; returns exit codes."""
     import time
@@ -143,6 +177,8 @@ def join_all(processes: list, timeout: float = JOIN_TIMEOUT) -> list[int | None]
     codes = []
     for p in processes:
         if p.is_alive():
+            print(describe_stuck(p.pid), file=sys.stderr, flush=True)
+            p.join(2)  # a moment for its Python stack to print (a failure's path only)
             p.kill()
             p.join(5)
             codes.append(None)
