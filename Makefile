@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-CFILES  = csrc/table.c csrc/lock.c csrc/check.c csrc/siphash.c
+CFILES  = $(wildcard csrc/*.c)
 
 .PHONY: help build test demo bench lint cwarn sanitize clean
 

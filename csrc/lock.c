@@ -1,8 +1,9 @@
 /* lock.c -- the table's lock: a process-shared, robust pthread mutex in the segment header.
  * A process that dies holding it (kill -9, a segfault, the OOM killer) hands it to the next
- * locker with EOWNERDEAD; that locker rebuilds the table, marks the mutex consistent, counts a
- * recovery and carries on, so nobody waits forever on a dead process. A named semaphore
- * cannot do this: its count dies with its holder. */
+ * locker with EOWNERDEAD; that locker rebuilds the table (recover.c, called by table.c's
+ * shmkv__lock()), marks the mutex consistent and carries on, so nobody waits forever on a
+ * dead process. A named semaphore cannot do this: its count dies with its holder. This file
+ * knows the mutex and who holds it, nothing of what it guards. */
 #include <errno.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -29,7 +30,7 @@ static int init_mutex(pthread_mutex_t *m)
         rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
     /* NORMAL, not ERRORCHECK: an error-checking mutex compares the futex word's thread id
      * with the caller's, and a thread of another PID namespace may have the same id (see
-     * PID NAMESPACES below). shmkv__lock() detects a relock by the same thread itself. */
+     * PID NAMESPACES below). shmkv__mutex_lock() detects a relock by the same thread itself. */
     if (rc == 0)
         rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_NORMAL);
     if (rc == 0)
@@ -207,54 +208,13 @@ static int timed_lock(pthread_mutex_t *m, int64_t timeout_ns)
     return rc;
 }
 
-/* A dead owner's table is rebuilt from its pool (table.c, RECOVERY), then verified. If the
- * rebuilt table still fails its check, the damage is not a crash's: only corruption can do
- * that, and no rebuild will undo it. The table is then marked broken, once and for all, and
- * every operation but stats and check fails with SHMKV_EBROKEN instead of working on it. */
-static void locked_recover(shmkv_t *t)
-{
-    int invariant;
-
-    locked_rebuild(t);
-    t->hdr->recoveries++;
-    if (locked_check(t, &invariant) == SHMKV_ECHECK) {
-        __atomic_store_n(&t->hdr->broken, (uint64_t)1, __ATOMIC_RELEASE);
-        /* seq odd for good: lock-free readers give up on it and meet the lock, which tells
-         * them the table is broken; no writer gets far enough to even it again. */
-        locked_seq_bump(t);
-    }
-}
-
-/* Just after the lock is taken, seq is even unless the table is broken (which keeps it odd
- * for good): a holder makes it odd and even again, and a holder that died is met as
- * EOWNERDEAD, whose rebuild evens it. An odd seq here is damage, such as one flipped bit; left
- * alone, every writer would bump it to even and write with it even, and optimistic readers
- * would accept torn values. So a writer that finds it odd keeps it odd (its unlock evens
- * it), and a reader-holder evens it at once (a reader still in its optimistic try sees seq
- * move and tries again). */
-static void locked_mend_seq(shmkv_t *t, int broken)
-{
-    uint64_t seq = __atomic_load_n(&t->hdr->seq, __ATOMIC_RELAXED);
-
-    if (broken) {              /* odd for good: not even a writer's unlock may even it */
-        t->writing = 0;
-        return;
-    }
-    if (t->writing) {
-        if (!(seq & 1))
-            locked_seq_bump(t);
-    } else if (seq & 1) {
-        __atomic_store_n(&t->hdr->seq, seq + 1, __ATOMIC_RELEASE);
-    }
-}
-
-/* Takes the table's lock. 0: held (after repairing the table if its last owner died).
+/* Takes the table's mutex. SHMKV_OK: held. LOCK_OWNER_DIED: held, but its last holder died
+ * with it: the caller repairs the table and then calls shmkv__mutex_consistent().
  * SHMKV_ELOCKTIMEOUT: still held by another process after the handle's timeout.
- * SHMKV_ENOLOCK: the handle may not lock (shmkv_forbid_lock()).
- * SHMKV_EBROKEN: the mutex was left unrecoverable, or the table is marked broken (unless
- * flags has LOCK_EVEN_BROKEN). SHMKV_ELOCK: any other failure, such as this thread holding
- * the lock already or a lock word that corruption made nonsense. */
-int shmkv__lock(shmkv_t *t, int flags)
+ * SHMKV_ENOLOCK: the handle may not lock (shmkv_forbid_lock()). SHMKV_EBROKEN: the mutex
+ * was left unrecoverable. SHMKV_ELOCK: any other failure, such as this thread holding the
+ * lock already or a lock word that corruption made nonsense. */
+int shmkv__mutex_lock(shmkv_t *t)
 {
     pthread_mutex_t *m = &t->hdr->lock;
     int rc;
@@ -273,16 +233,7 @@ int shmkv__lock(shmkv_t *t, int flags)
     }
     switch (rc) {
     case 0:
-        break;
     case EOWNERDEAD:
-        /* The dead owner may have been a thread of this process, using this very handle
-         * (a thread that ended holding it): its `writing` is not this holder's. */
-        t->writing = 0;
-        locked_recover(t);
-        if (pthread_mutex_consistent(m) != 0) {
-            pthread_mutex_unlock(m);
-            return SHMKV_EBROKEN;
-        }
         break;
     case ETIMEDOUT:
         if (!t->observer)
@@ -293,34 +244,23 @@ int shmkv__lock(shmkv_t *t, int flags)
     default:
         return SHMKV_ELOCK;
     }
-    int broken = __atomic_load_n(&t->hdr->broken, __ATOMIC_ACQUIRE) != 0;
-
-    if (broken && !(flags & LOCK_EVEN_BROKEN)) {
-        pthread_mutex_unlock(m);
-        return SHMKV_EBROKEN;
-    }
     held_here++;
     __atomic_store_n(&t->hdr->holder_pidns, shmkv__pidns(), __ATOMIC_RELAXED);
     __atomic_store_n(&t->hdr->holder_pid, (int64_t)cached_pid(), __ATOMIC_RELAXED);
-#ifdef SHMKV_DEBUG
-    {
-        int invariant;
-
-        t->debug_sound = t->nslots <= DEBUG_CHECK_MAX_SLOTS &&
-                         locked_check(t, &invariant) == SHMKV_OK;
-    }
-#endif
-    t->writing = !(flags & LOCK_READ_ONLY);
-    locked_mend_seq(t, broken);
-    return SHMKV_OK;
+    return rc == 0 ? SHMKV_OK : LOCK_OWNER_DIED;
 }
 
-void shmkv__unlock(shmkv_t *t)
+/* After a dead owner's table is repaired: SHMKV_OK, or SHMKV_EBROKEN with the lock released. */
+int shmkv__mutex_consistent(shmkv_t *t)
 {
-    if (t->writing) {
-        t->writing = 0;
-        locked_seq_bump(t);
-    }
+    if (pthread_mutex_consistent(&t->hdr->lock) == 0)
+        return SHMKV_OK;
+    shmkv__mutex_unlock(t);
+    return SHMKV_EBROKEN;
+}
+
+void shmkv__mutex_unlock(shmkv_t *t)
+{
     __atomic_store_n(&t->hdr->holder_pidns, (uint64_t)0, __ATOMIC_RELAXED);
     __atomic_store_n(&t->hdr->holder_pid, (int64_t)0, __ATOMIC_RELAXED);
     held_here--;

@@ -10,7 +10,7 @@
  * are only ever appended, never renumbered. On error, outputs and the table are unchanged.
  * A dead lock owner is repaired inside the call and never reaches the caller as an error. */
 
-#define SHMKV_ABI 3
+#define SHMKV_ABI 4
 
 #define SHMKV_OK 0
 #define SHMKV_ENOTFOUND -1
@@ -31,8 +31,9 @@
 #define SHMKV_ECHECK -16
 #define SHMKV_ENOMEM -17
 #define SHMKV_ENOLOCK -18
+#define SHMKV_ENOROOM -19
 /* One past the most negative code: tests walk SHMKV_OK > code > SHMKV_ELAST. */
-#define SHMKV_ELAST -19
+#define SHMKV_ELAST -20
 
 /* Results of shmkv_put(). SHMKV_EVICTED is or-ed into SHMKV_INSERTED when a live entry was
  * evicted to make room for the new key (only in tables created with SHMKV_EVICT). */
@@ -55,21 +56,24 @@
 #define SHMKV_MAX_CAPACITY 2147483646
 #define SHMKV_MAX_KEY_SIZE 1048576
 #define SHMKV_MAX_VALUE_SIZE 1073741824
+#define SHMKV_MAX_DATA_SIZE 68719476480
 
 typedef struct shmkv shmkv_t;
 
 /* Sizes and offsets of a table's segment, as computed by shmkv_layout(). */
 struct shmkv_geometry {
-    uint64_t capacity;        /* entries a user may store */
-    uint64_t nentries;        /* entries in the pool: capacity + 1 spare for copy-on-write */
+    uint64_t capacity;        /* keys a user may store */
     uint64_t nslots;          /* index slots, a power of two, > 1.5 * capacity */
     uint64_t key_size;        /* largest key, bytes */
     uint64_t value_size;      /* largest value, bytes */
-    uint64_t entry_size;      /* bytes per pool entry, header and padding included */
+    uint64_t memory;          /* the cap asked for (0: sized so that capacity largest fit) */
+    uint64_t max_entry;       /* bytes the largest entry takes in the data area */
     uint64_t header_size;     /* bytes of the table header */
     uint64_t index_offset;    /* offset of the index from the start of the segment */
-    uint64_t entries_offset;  /* offset of the entry pool */
+    uint64_t data_offset;     /* offset of the data area */
+    uint64_t data_size;       /* bytes of the data area, a multiple of 16 */
     uint64_t total_size;      /* bytes the segment must have */
+    uint64_t min_memory;      /* the smallest `memory` accepted for this capacity and sizes */
 };
 
 /* A consistent copy of a table's header, taken under the lock. */
@@ -78,7 +82,10 @@ struct shmkv_stats {
     uint64_t version;         /* format version of the segment */
     int64_t creator_pid;
     uint64_t count;           /* live entries */
-    uint64_t high_water;      /* pool entries ever handed out since creation or clear() */
+    uint64_t bytes_stored;    /* key and value bytes of the live entries */
+    uint64_t bytes_free;      /* bytes of the data area in free blocks */
+    uint64_t largest_free;    /* bytes of the largest free block */
+    uint64_t free_blocks;     /* free blocks: 1 means no fragmentation */
     uint64_t hits;
     uint64_t misses;
     uint64_t inserts;
@@ -88,6 +95,8 @@ struct shmkv_stats {
     uint64_t expirations;
     uint64_t recoveries;      /* times a dead lock owner was found and the table repaired */
     uint64_t lock_timeouts;
+    uint64_t compactions;     /* times free room was gathered by moving values */
+    uint64_t moved_bytes;     /* bytes those moves copied */
     uint64_t broken;          /* 1 if a recovery could not make the table sound */
 };
 
@@ -95,15 +104,19 @@ int shmkv_abi(void);
 const char *shmkv_strerror(int code);
 const char *shmkv_invariant_text(int invariant);
 
-/* Geometry of a table; SHMKV_EARG if a parameter is out of range or the size overflows. */
-int shmkv_layout(uint64_t capacity, uint64_t key_size, uint64_t value_size,
+/* Geometry of a table. memory == 0 sizes the data area so that capacity entries of the
+ * largest size (and one more, for a replace) always fit; otherwise the whole segment takes
+ * at most `memory` bytes. SHMKV_EARG if a parameter is out of range, the size overflows, or
+ * memory is below out->min_memory (which is then set) or makes a data area above
+ * SHMKV_MAX_DATA_SIZE. */
+int shmkv_layout(uint64_t capacity, uint64_t key_size, uint64_t value_size, uint64_t memory,
                  struct shmkv_geometry *out);
 
 /* Lays a fresh table into a zero-filled mapping of `size` bytes and sets the ready flag last.
  * The mapping must not yet be visible to other attachers as a table. flags: SHMKV_EVICT. */
 int shmkv_init(void *base, uint64_t size, uint64_t capacity, uint64_t key_size,
-               uint64_t value_size, uint32_t flags, const unsigned char *seed16,
-               int64_t creator_pid);
+               uint64_t value_size, uint64_t memory, uint32_t flags,
+               const unsigned char *seed16, int64_t creator_pid);
 
 /* Validates the header of a mapping and returns a per-process handle for it.
  * SHMKV_ENOTREADY: the header is not (yet) marked ready. SHMKV_EINCOMPATIBLE: not a shmkv
@@ -142,7 +155,9 @@ void shmkv_set_lock_timeout(shmkv_t *t, int64_t nanoseconds);
  * whether the key is present (the length) and counts neither a hit nor a miss. */
 int shmkv_get(shmkv_t *t, const char *key, uint32_t klen, char *out, uint32_t outcap);
 /* Returns SHMKV_INSERTED (maybe | SHMKV_EVICTED), SHMKV_REPLACED or (with
- * SHMKV_PUT_IF_ABSENT) SHMKV_NOT_STORED. The value expires after ttl_ns, or with
+ * SHMKV_PUT_IF_ABSENT) SHMKV_NOT_STORED. A write that finds no room fails with SHMKV_EFULL
+ * (keys: count is at capacity) or SHMKV_ENOROOM (bytes: the data area is full) unless the
+ * table evicts. The value expires after ttl_ns, or with
  * SHMKV_KEEP_TTL when the value it replaces would have. */
 int shmkv_put(shmkv_t *t, const char *key, uint32_t klen, const char *value, uint32_t vlen,
               int flags, uint64_t ttl_ns);
@@ -181,7 +196,8 @@ int64_t shmkv_len(shmkv_t *t);
  * keys do not fit, it returns SHMKV_EFULL and changes nothing; its keys must be distinct,
  * and `scratch` is 2n words of room, so that keys are hashed before the lock is taken. In a
  * table with SHMKV_EVICT, set_many evicts other keys as its inserts need room, and fails
- * with SHMKV_EFULL only if it has more keys than the table's capacity. */
+ * with SHMKV_EFULL only if it has more keys than the table's capacity, or SHMKV_ENOROOM if
+ * the batch alone needs more bytes than the data area has. */
 int shmkv_get_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
                    char *out, uint64_t outcap, int64_t *vlens, uint64_t *needed);
 int shmkv_set_many(shmkv_t *t, uint32_t n, const char *keys, const uint32_t *klens,
@@ -244,3 +260,10 @@ void shmkv_testing_set_clock(uint64_t now_ns);
 int shmkv_testing_hold_lock(shmkv_t *t, int hold);
 /* For tests: flips the low bit of the table's sequence word, as damage would. */
 int shmkv_testing_flip_seq(shmkv_t *t);
+/* For tests: the offset of a header field ("count", "lock", ...) from the segment's start,
+ * or of a block field ("block.size", ..., "block.key") from the block's; SHMKV_EARG if
+ * unknown. Block states: */
+int64_t shmkv_testing_offset(const char *field);
+#define SHMKV_BLOCK_FREE 1162170950
+#define SHMKV_BLOCK_BUSY 1498633538
+#define SHMKV_BLOCK_USED 1145394005

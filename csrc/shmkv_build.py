@@ -20,7 +20,8 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["table.c", "lock.c", "check.c", "siphash.c"]
+SOURCES = ["table.c", "handle.c", "index.c", "alloc.c", "expiry.c", "evict.c", "recover.c",
+           "check.c", "lock.c", "siphash.c"]
 
 
 def _flag(name: str) -> bool:

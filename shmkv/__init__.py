@@ -5,7 +5,7 @@ memory operation under a process-shared robust lock, done by a small C core. No 
 messages::
 
     import shmkv
-    t = shmkv.create("sessions", capacity=100_000, key_size=64, value_size=1024)  # master
+    t = shmkv.create("sessions", capacity=100_000, value_size=65536, memory="48MiB")  # master
     t = shmkv.attach("sessions")                                                  # worker
     t[b"user:1"] = b"alice"; t.incr(b"hits"); t.get(b"user:1")
 
@@ -15,7 +15,7 @@ gives the same interface on a Redis server, for the day one machine is not enoug
 
 from ._connect import connect
 from ._core import lib as _lib
-from ._open import attach, create
+from ._open import attach, create, parse_size
 from ._redis import RedisTable
 from ._segment import unlink
 from ._shareddict import SharedDict
@@ -38,7 +38,7 @@ from .errors import (
     ValueTooLarge,
 )
 
-_EXPECTED_ABI = 3
+_EXPECTED_ABI = 4
 if _lib.shmkv_abi() != _EXPECTED_ABI:  # pragma: no cover - a stale build
     raise ImportError(
         f"shmkv's compiled core speaks ABI {_lib.shmkv_abi()}, this Python code ABI "
@@ -67,5 +67,6 @@ __all__ = [
     "attach",
     "connect",
     "create",
+    "parse_size",
     "unlink",
 ]

@@ -13,7 +13,7 @@ from ._table import Table
 
 AnyTable = Union[Table, RedisTable]
 
-_CREATE = ("capacity", "key_size", "value_size", "on_full")
+_CREATE = ("capacity", "key_size", "value_size", "memory", "on_full")
 _OWNER = ("user", "group", "mode")
 _SHM_OPTIONS = (*_CREATE, "lock_timeout", *_OWNER)
 _NUMBERS = {"capacity": int, "key_size": int, "value_size": int, "lock_timeout": float}

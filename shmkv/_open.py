@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import time
 from typing import Any, NamedTuple
 
@@ -23,8 +24,35 @@ class _Layout(NamedTuple):
     capacity: int
     key_size: int
     value_size: int
+    memory: int | None  # None: sized so that capacity entries of the largest size fit
     on_full: str
     size: int  # bytes of the segment
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string with a unit: ``"48MiB"`` is 48 x 2**20 bytes, ``"2GB"``
+    is 2 x 10**9, ``"64k"`` 64,000; a plain number is bytes. ValueError for anything else."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise TypeError(f"a size is an int or a string such as '48MiB', "
+                        f"not {type(size).__name__}")
+    if isinstance(size, int):
+        number = size
+    else:
+        match = _SIZE.fullmatch(size)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"{size!r} is not a size: a number of bytes with an optional "
+                             f"unit (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+        number = int(float(match.group(1)) * _UNITS[unit])
+    if number < 1:
+        raise ValueError(f"a size must be at least 1 byte, not {size!r}")
+    return number
 
 
 def create(
@@ -33,6 +61,7 @@ def create(
     key_size: int = 64,
     value_size: int = 1024,
     *,
+    memory: int | str | None = None,
     on_full: str = "error",
     exist_ok: bool = False,
     reserve: bool = True,
@@ -43,6 +72,14 @@ def create(
 ) -> Table:
     """Creates the table ``name`` holding up to ``capacity`` keys of at most ``key_size``
     bytes with values of at most ``value_size`` bytes, and returns it attached.
+
+    Each key and value takes room by its actual length (plus a 32-byte header). ``memory``
+    caps the whole segment in bytes, as an int or a string with a unit (``"48MiB"``,
+    ``"2GB"``): the file in /dev/shm never grows past it, and a write that finds no room left
+    raises TableFull with ``kind == "bytes"`` (or evicts, with ``on_full="evict"``). Without
+    ``memory``, the table is sized so that ``capacity`` entries of the largest size always
+    fit. A ``memory`` too small for the index and ``capacity`` entry headers is a ValueError
+    that names the minimum.
 
     When a new key finds the table full, expired keys are reclaimed first; if none are,
     ``on_full="error"`` raises TableFull, and ``on_full="evict"`` evicts an approximately
@@ -75,12 +112,20 @@ def create(
         raise ValueError(f"on_full must be 'error' or 'evict', not {on_full!r}")
     timeout = _timeout(lock_timeout)
     owner = Owner(user, group, mode)
+    cap = None if memory is None else parse_size(memory)
     geometry = ffi.new("struct shmkv_geometry *")
-    rc = lib.shmkv_layout(capacity, key_size, value_size, geometry)
+    rc = lib.shmkv_layout(capacity, key_size, value_size, cap or 0, geometry)
+    if rc < 0 and cap and geometry.min_memory and cap < geometry.min_memory:
+        raise ValueError(f"memory={memory!r} is too small for {capacity:,} keys of up to "
+                         f"{key_size} + {value_size} bytes: the index, {capacity:,} entry "
+                         f"headers and one largest entry need at least "
+                         f"{geometry.min_memory:,} bytes")
     if rc < 0:
-        raise ValueError(f"a table of {capacity:,} entries of {key_size} + {value_size} bytes "
-                         "is too large for this machine's address space")
-    layout = _Layout(capacity, key_size, value_size, on_full, geometry.total_size)
+        what = f"{cap:,} bytes" if cap else (f"{capacity:,} entries of {key_size} + "
+                                             f"{value_size} bytes")
+        raise ValueError(f"a table of {what} is too large: its data area may have at most "
+                         f"{lib.SHMKV_MAX_DATA_SIZE:,} bytes (pass a smaller memory=)")
+    layout = _Layout(capacity, key_size, value_size, cap, on_full, geometry.total_size)
     deadline = time.monotonic() + timeout
     if not exist_ok:
         fd = _segment.shm_open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
@@ -205,8 +250,8 @@ def _lay(name: str, fd: int, layout: _Layout, reserve: bool, timeout: float, *,
         base = ffi.from_buffer("char[]", segment.buf, require_writable=True)
         try:
             rc = lib.shmkv_init(base, segment.size, layout.capacity, layout.key_size,
-                                layout.value_size, _ON_FULL[layout.on_full], os.urandom(16),
-                                os.getpid())
+                                layout.value_size, layout.memory or 0, _ON_FULL[layout.on_full],
+                                os.urandom(16), os.getpid())
         finally:
             ffi.release(base)
         if rc < 0:

@@ -61,6 +61,7 @@ _EVICTED = lib.SHMKV_EVICTED
 _IF_ABSENT = lib.SHMKV_PUT_IF_ABSENT
 _KEEP_TTL: int = lib.SHMKV_KEEP_TTL
 _ON_FULL = {"error": 0, "evict": lib.SHMKV_EVICT}
+_BLOCK_HEADER = 32  # bytes of an entry's header in the data area (csrc/layout.h)
 _uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 # The longest ttl: 2**62 ns, about 146 years, far inside the clock's 64-bit range.
 MAX_TTL = 2**62 / 1e9
@@ -280,6 +281,9 @@ class Table(_TableBase):
             self.capacity: int = geometry.capacity
             self.key_size: int = geometry.key_size
             self.value_size: int = geometry.value_size
+            #: The cap on the segment's bytes given to create(), or None: sized for capacity.
+            self.memory: int | None = geometry.memory or None
+            self._data_size: int = geometry.data_size
             #: "error" (a full table raises TableFull) or "evict" (it makes room), as created.
             self.on_full: str = (
                 "evict" if lib.shmkv_table_flags(self._h) & lib.SHMKV_EVICT else "error")
@@ -377,7 +381,11 @@ class Table(_TableBase):
             exc = TableClosed(f"table {self._name!r} is closed")
         else:
             if code == lib.SHMKV_EFULL:
-                detail = f"table {self._name!r} holds its capacity of {self.capacity} entries"
+                detail = f"table {self._name!r} holds its capacity of {self.capacity} keys"
+            elif code == lib.SHMKV_ENOROOM:
+                what = "the batch" if key is None else "the entry"
+                detail = (f"table {self._name!r}: no room for {what} in its "
+                          f"{self._data_size:,}-byte data area")
             elif code == lib.SHMKV_ELOCKTIMEOUT:
                 detail = (f"table {self._name!r}: waited {self._lock_timeout:g} s for the "
                           f"lock, {self._lock_holder()}")
@@ -798,6 +806,7 @@ class Table(_TableBase):
         if rc < 0:
             raise self._error(rc)
         g = s.geometry
+        free = int(s.bytes_free)
         return {
             "name": self._name,
             "version": s.version,
@@ -807,9 +816,17 @@ class Table(_TableBase):
             "key_size": g.key_size,
             "value_size": g.value_size,
             "index_slots": g.nslots,
-            "entry_size": g.entry_size,
             "segment_size": g.total_size,
-            "high_water": s.high_water,
+            "memory": g.memory or None,
+            "data_size": g.data_size,
+            "bytes_stored": s.bytes_stored,
+            "bytes_used": g.data_size - free,
+            "bytes_free": free,
+            "largest_free": s.largest_free,
+            # Compaction gathers all free room: an entry fits if its block fits in it.
+            "largest_item": max(0, free - _BLOCK_HEADER) if wait else None,
+            "fragmentation": (1 - s.largest_free / free if free and wait else 0.0),
+            "free_blocks": s.free_blocks,
             "hits": s.hits,
             "misses": s.misses,
             "inserts": s.inserts,
@@ -819,6 +836,8 @@ class Table(_TableBase):
             "expirations": s.expirations,
             "recoveries": s.recoveries,
             "lock_timeouts": s.lock_timeouts,
+            "compactions": s.compactions,
+            "moved_bytes": s.moved_bytes,
             "broken": bool(s.broken),
             "creator_pid": s.creator_pid,
         }

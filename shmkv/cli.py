@@ -343,6 +343,16 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+def _rooms(d: dict[str, Any]) -> str:
+    """The free room in words: how large an entry fits now and how scattered the room is."""
+    if d["largest_item"] is None:
+        return "unknown while the lock is held"
+    return (f"an entry of up to {_size(d['largest_item'])} fits now; "
+            f"{d['free_blocks']:,} free block{'s' if d['free_blocks'] != 1 else ''}, "
+            f"largest {_size(d['largest_free'])} ({d['fragmentation']:.0%} fragmented); "
+            f"{d['compactions']:,} compactions moved {_size(d['moved_bytes'])}")
+
+
 def format_list(rows: list[dict[str, Any]], others: int) -> str:
     lines = [f"{'NAME':<32} {'ENTRIES':>10} {'CAPACITY':>10} {'FILL':>6} {'RESERVED':>11} "
              f"{'RESIDENT':>11}  {'OWNER':<16} CREATOR"] if rows else ["no shmkv tables"]
@@ -379,12 +389,16 @@ def format_table(d: dict[str, Any]) -> str:
         f"table {d['name']!r} (format {d['version']})"
         + ("  BROKEN: recreate it" if d["broken"] else ""),
         f"  owner     {d['owner']} (uid {d['uid']}), mode {d['mode']}",
-        f"  geometry  capacity {d['capacity']:,} entries, {d['index_slots']:,} index slots, "
-        f"keys <= {d['key_size']:,} B, values <= {d['value_size']:,} B "
-        f"({d['entry_size']:,} B per entry)",
-        f"  fill      {d['len']:,} entries ({d['fill']:.1%}), {d['high_water']:,} pool entries "
-        f"ever used; when full: {_ON_FULL[d['on_full']]}",
-        f"  memory    {_size(d['segment_size'])} reserved, {_size(d['resident_bytes'])} resident",
+        f"  geometry  capacity {d['capacity']:,} keys, {d['index_slots']:,} index slots, "
+        f"keys <= {d['key_size']:,} B, values <= {d['value_size']:,} B",
+        f"  fill      {d['len']:,} keys ({d['fill']:.1%}); when full: {_ON_FULL[d['on_full']]}",
+        f"  bytes     {_size(d['bytes_stored'])} of keys and values, "
+        f"{_size(d['bytes_used'])} used of a {_size(d['data_size'])} data area, "
+        f"{_size(d['bytes_free'])} free",
+        f"  free room {_rooms(d)}",
+        f"  memory    {_size(d['segment_size'])} reserved "
+        f"({'capped by memory=' if d['memory'] else 'sized for capacity'}), "
+        f"{_size(d['resident_bytes'])} resident",
         f"  counters  hits {d['hits']:,}  misses {d['misses']:,}  inserts {d['inserts']:,}  "
         f"updates {d['updates']:,}  deletes {d['deletes']:,}",
         f"            evictions {d['evictions']:,}  expirations {d['expirations']:,}  "

@@ -22,7 +22,10 @@ class Error(Exception):
 
 
 class TableFull(Error):
-    """No room for another key: the table holds ``capacity`` entries."""
+    """No room for the write: ``kind`` says which ran out, ``"keys"`` (the table holds
+    ``capacity`` keys) or ``"bytes"`` (its memory holds no more bytes)."""
+
+    kind: str = "keys"
 
 
 class KeyTooLarge(Error, builtins.ValueError):
@@ -85,6 +88,7 @@ _ERRORS: dict[int, tuple[type[Exception], str]] = {
     lib.SHMKV_EKEYSIZE: (KeyTooLarge, ""),
     lib.SHMKV_EVALUESIZE: (ValueTooLarge, ""),
     lib.SHMKV_EFULL: (TableFull, "create the table with a larger capacity"),
+    lib.SHMKV_ENOROOM: (TableFull, "create the table with more memory, or on_full='evict'"),
     lib.SHMKV_EINCOMPATIBLE: (IncompatibleTable, ""),
     lib.SHMKV_ECORRUPT: (CorruptTable, "run shmkv-inspect --check; recreate the table"),
     lib.SHMKV_ENOTCOUNTER: (NotACounter, "incr works on 8-byte values it created"),
@@ -122,6 +126,8 @@ def error_for(code: int, detail: str = "") -> Exception:
     exc = cls(message)
     if isinstance(exc, Error):
         exc.code_name = code_name(code)
+    if isinstance(exc, TableFull) and code == lib.SHMKV_ENOROOM:
+        exc.kind = "bytes"
     return exc
 
 

@@ -104,7 +104,7 @@ def test_list_shows_incompatible_tables(make_name, capsys) -> None:
 def test_one_table(filled, capsys) -> None:
     assert main([filled.name]) == 0
     out = capsys.readouterr().out
-    for words in ("capacity 64 entries", "14 entries (21.9%)", "lock      free",
+    for words in ("capacity 64 keys", "14 keys (21.9%)", "lock      free",
                   "recoveries 0", "probes", "reserved", "resident",
                   f"owner     {ME} (uid {os.geteuid()}), mode 0600"):
         assert words in out, words
@@ -150,7 +150,7 @@ def test_check(filled, capsys) -> None:
 
 def test_watch(filled, capsys) -> None:
     assert main([filled.name, "--watch", "0.01", "--count", "3"]) == 0
-    assert capsys.readouterr().out.count("capacity 64 entries") == 3
+    assert capsys.readouterr().out.count("capacity 64 keys") == 3
     assert main([filled.name, "--watch", "0.01", "--count", "2", "--json"]) == 0
     assert [json.loads(line)["len"] for line in capsys.readouterr().out.splitlines()] == [14, 14]
 
@@ -411,7 +411,7 @@ def test_a_held_lock_is_shown_not_waited_for(filled, capsys) -> None:
         assert main([filled.name]) == 0
         out = capsys.readouterr().out
         assert f"held by process {holder.pid} (alive)" in out
-        assert "14 entries" in out and "unknown while the lock is held" in out
+        assert "14 keys" in out and "unknown while the lock is held" in out
         assert main([]) == 0
         assert filled.name in capsys.readouterr().out
     finally:
