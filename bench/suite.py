@@ -1,6 +1,7 @@
 """The benchmark suite: shmkv beside what users would pick instead, in one run on one machine.
 
     python bench/suite.py [--seconds S] [--reps N] [--keys N] [--chart PATH] [--quick]
+                          [--baseline REV]
 
 `bench/run` is the one command for a fresh machine: it installs what this needs (lmdb, redis-py
 with hiredis, matplotlib, redis-server) and runs this. Workloads, with 16-byte keys and
@@ -12,7 +13,8 @@ with hiredis, matplotlib, redis-server) and runs this. Workloads, with 16-byte k
 
 Stores: a plain dict (the ceiling; not shared), the floor of shmkv's design (a cffi API-mode
 function that copies a stored value into a buffer and returns bytes: no lock, no hashing),
-shmkv, multiprocessing.Manager().dict(), lmdb on /dev/shm with one transaction per
+shmkv, shmkv's fixed-slot core (built from git revision `--baseline`, see bench/baseline.py),
+multiprocessing.Manager().dict(), lmdb on /dev/shm with one transaction per
 operation, Redis on a unix socket (persistence off; redis-py with hiredis), and UltraDict when
 installed. A store that is missing is skipped with a message. Each figure is the median of
 `--reps` repetitions (at least 3), each at least `--seconds` long (at least 0.5 s).
@@ -36,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from baseline import build_baseline
 from bench_basic import measure
 
 import shmkv
@@ -44,6 +47,8 @@ KEY_SIZE = 16
 SMALL, LARGE = 100, 1000
 BATCH = 100
 WRITE_SHARE = 0.1  # W4: one op in ten is a set
+FIXED_SLOT_REV = "688536b"  # the last commit of main whose core has fixed-size value slots
+FIXED = "shmkv (fixed-slot)"  # its label
 
 
 def keys_of(n: int) -> list[bytes]:
@@ -170,14 +175,24 @@ class FloorStore(Store):
 class ShmkvStore(Store):
     name = "shmkv"
 
-    def __init__(self, table_name: str) -> None:
-        self.t = shmkv.attach(table_name)
+    def __init__(self, table_name: str, module: Any = shmkv) -> None:
+        self.t = module.attach(table_name)
         self.get = self.t.__getitem__  # type: ignore[method-assign]
         self.set = self.t.__setitem__  # type: ignore[method-assign]
         self.get_many = self.t.get_many  # type: ignore[method-assign]
 
     def close(self) -> None:
         self.t.close()
+
+
+class FixedSlotStore(ShmkvStore):
+    """A table of the fixed-slot core, imported as shmkv_fixed by build_baseline() before (a
+    W4 worker is forked, so it has the module and the sys.path entry already)."""
+
+    name = FIXED
+
+    def __init__(self, table_name: str) -> None:
+        super().__init__(table_name, importlib.import_module("shmkv_fixed"))
 
 
 class ManagerStore(Store):
@@ -243,9 +258,9 @@ class UltraDictStore(Store):
         self.set = self.d.__setitem__  # type: ignore[method-assign]
 
 
-KINDS: dict[str, type[Store]] = {"shmkv": ShmkvStore, "manager": ManagerStore,
-                                 "lmdb": LmdbStore, "redis": RedisStore,
-                                 "ultradict": UltraDictStore}
+KINDS: dict[str, type[Store]] = {"shmkv": ShmkvStore, "fixed": FixedSlotStore,
+                                 "manager": ManagerStore, "lmdb": LmdbStore,
+                                 "redis": RedisStore, "ultradict": UltraDictStore}
 
 
 def open_store(spec: tuple[str, Any]) -> Store:
@@ -377,7 +392,7 @@ def w4(spec: tuple[str, Any], procs: int, keys: list[bytes], value: bytes, secon
 # ---------------------------------------------------------------------- the run
 
 
-def shm_shortfall(n: int) -> str | None:
+def shm_shortfall(n: int, baseline: bool) -> str | None:
     """Why /dev/shm cannot hold the shared stores of n keys, or None if it can. Docker gives
     containers 64 MB by default, which would fail the run half way with an unclear error."""
     try:
@@ -385,6 +400,8 @@ def shm_shortfall(n: int) -> str | None:
         copies = 5  # shmkv, lmdb's pages (up to twice the data), UltraDict's buffer (twice)
     except ImportError:
         copies = 3
+    if baseline:
+        copies += 1  # the fixed-slot table
     needed = n * (LARGE + 64) * copies
     stat = os.statvfs("/dev/shm")
     free = stat.f_bavail * stat.f_frsize
@@ -405,13 +422,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="W4 chart to write ('' for none)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 0.1 s, 1 repetition, 10,000 keys (no claims)")
+    parser.add_argument("--baseline", default=FIXED_SLOT_REV, metavar="REV",
+                        help="git revision of the fixed-slot core to measure beside this one "
+                             f"(default {FIXED_SLOT_REV}; '' for none)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.reps, args.keys = 0.1, 1, 10_000
     elif args.seconds < 0.5 or args.reps < 3:
         parser.error("figures need --seconds >= 0.5 and --reps >= 3 (or --quick)")
     seconds, reps, n = args.seconds, args.reps, args.keys
-    short = shm_shortfall(n)
+    short = shm_shortfall(n, bool(args.baseline))
     if short:
         print(f"bench: {short}", file=sys.stderr)
         return 2
@@ -454,6 +474,20 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(table.unlink)
         specs.append(("shmkv", name))
         memory = table.stats()
+
+        if args.baseline:  # the same geometry, measured in the same round robins, W4 too
+            try:  # built outside /dev/shm, like the floor
+                basedir = stack.enter_context(tempfile.TemporaryDirectory(prefix="shmkv-base-"))
+                fixed = build_baseline(args.baseline, basedir)
+                fixed_name = f"shmkv-bench-fixed-{os.getpid()}"
+                fixed_table = fixed.create(fixed_name, capacity=n, key_size=KEY_SIZE,
+                                           value_size=LARGE)
+            except Exception as exc:  # no git history, no compiler: a skip, not a failure
+                print(f"skipped the fixed-slot baseline: {exc}")
+            else:
+                stack.callback(fixed_table.close)
+                stack.callback(fixed_table.unlink)
+                specs.append(("fixed", fixed_name))
 
         manager = stack.enter_context(multiprocessing.get_context("fork").Manager())
         specs.append(("manager", manager.dict()))
@@ -544,7 +578,8 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], float],
            memory: dict[str, Any]) -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {cpu()}, {os.cpu_count()} cores, "
           f"{platform.system()} {platform.release()}")
-    print(f"# {versions()}{hiredis_note()}")
+    print(f"# {versions()}{hiredis_note()}"
+          + (f"; {FIXED} built from {args.baseline}" if ("W1", FIXED) in results else ""))
     print(f"# {args.keys:,} keys of {KEY_SIZE} bytes; values of {SMALL} bytes ({LARGE} in W3); "
           f"median of {args.reps} runs of >= {args.seconds} s each"
           + ("  [--quick: a smoke run, no claims]" if args.quick else ""))
@@ -587,6 +622,11 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], float],
     check("W2 shmkv set ns / floor set ns", ratio(ns("W2", "shmkv"), ns("W2", "floor")),
           2, "<=")
     check("W2 lmdb put ns / shmkv set ns", ratio(ns("W2", "lmdb"), ns("W2", "shmkv")), 4, ">=")
+    if ("W1", FIXED) in results:
+        check("W1 shmkv get ns / fixed-slot get ns", ratio(ns("W1", "shmkv"), ns("W1", FIXED)),
+              1.10, "<=")
+        check("W2 shmkv set ns / fixed-slot set ns", ratio(ns("W2", "shmkv"), ns("W2", FIXED)),
+              1.10, "<=")
     shm = w4_rates.get("shmkv", {})
     check("W4 shmkv 2 processes / 1 process (aggregate ops/s)",
           ratio(shm.get(2), shm.get(1)), 1.6, ">=")
