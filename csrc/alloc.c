@@ -324,6 +324,33 @@ uint64_t alloc_release(shmkv_t *t, struct shmkv_block *b)
     return unit;
 }
 
+/* ENTRIES: removing a live entry empties its slot first (readers can no longer reach it),
+ * then frees its block. Expiry, eviction and deletes all remove this way. */
+
+/* Removes the key in `slot` (block b). The caller counts it: a delete, an expiration or an
+ * eviction. */
+int locked_remove(shmkv_t *t, uint64_t slot, struct shmkv_block *b)
+{
+    struct shmkv_header *h = t->hdr;
+    int rc = index_unlink(t, slot);
+
+    if (rc != SHMKV_OK)
+        return rc;
+    h->stored_bytes -= (uint64_t)b->key_len + b->value_len;
+    alloc_release(t, b);
+    STORE(h->count, h->count - 1);
+    return SHMKV_OK;
+}
+
+/* Removes the live entry in block b, found in the index through its own key. */
+int locked_remove_block(shmkv_t *t, struct shmkv_block *b)
+{
+    uint64_t slot;
+    int rc = index_slot_of(t, b, &slot);
+
+    return rc == SHMKV_OK ? locked_remove(t, slot, b) : rc;
+}
+
 /* Copies chunks of the recorded move from move_done on (see COMPACTION). */
 static void move_chunks(shmkv_t *t, uint64_t from, uint64_t to, uint64_t units, uint64_t done)
 {

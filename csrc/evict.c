@@ -1,4 +1,4 @@
-/* evict.c -- making room: removing entries, reclaiming expired ones, and CLOCK eviction.
+/* evict.c -- making room: reclaiming expired entries, and CLOCK eviction.
  *
  * A write may need room of two kinds: a key (count < capacity, which the index is sized for)
  * and units of the data area (alloc.c). locked_make_room() gets both, in this order:
@@ -25,30 +25,6 @@
 
 #define PURGE_ROUND 4096
 #define PURGE_ROUND_EVICTING 64
-
-/* Removes the key in `slot` (block b). The caller counts it: a delete, an expiration or an
- * eviction. */
-int locked_remove(shmkv_t *t, uint64_t slot, struct shmkv_block *b)
-{
-    struct shmkv_header *h = t->hdr;
-    int rc = index_unlink(t, slot);
-
-    if (rc != SHMKV_OK)
-        return rc;
-    h->stored_bytes -= (uint64_t)b->key_len + b->value_len;
-    alloc_release(t, b);
-    STORE(h->count, h->count - 1);
-    return SHMKV_OK;
-}
-
-/* Removes the live entry in block b, found in the index through its own key. */
-int locked_remove_block(shmkv_t *t, struct shmkv_block *b)
-{
-    uint64_t slot;
-    int rc = index_slot_of(t, b, &slot);
-
-    return rc == SHMKV_OK ? locked_remove(t, slot, b) : rc;
-}
 
 /* One CLOCK eviction (see above). SHMKV_ENOROOM if no entry may be evicted. */
 static int locked_evict(shmkv_t *t, struct op *op)

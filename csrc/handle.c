@@ -13,7 +13,8 @@
  * capacity keys of the largest size always fit and a replace still has room for its new copy
  * (compaction gathers that room wherever it lies). With a cap, the data area is what the cap
  * leaves after the header and the index; the smallest cap leaves room for capacity bare block
- * headers and one entry of the largest size.
+ * headers and two entries of the largest size: a replace holds its old and its new copy at
+ * once, so that an evicting table can take any single write.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -69,7 +70,7 @@ int shmkv_layout(uint64_t capacity, uint64_t key_size, uint64_t value_size, uint
     g->index_offset = ALIGN_UP(g->header_size, SHMKV_ALIGN);
     g->data_offset = ALIGN_UP(g->index_offset + nslots * sizeof(uint64_t), SHMKV_ALIGN);
     /* At most 2^31 entries of at most 2^30 + 2^20 + 48 bytes: no uint64_t overflow. */
-    g->min_memory = g->data_offset + capacity * MIN_BLOCK_UNITS * UNIT + g->max_entry;
+    g->min_memory = g->data_offset + capacity * MIN_BLOCK_UNITS * UNIT + 2 * g->max_entry;
     if (memory == 0)
         data = (capacity + 1) * g->max_entry;
     else if (memory < g->min_memory)

@@ -313,6 +313,8 @@ void alloc_rebuild_free(shmkv_t *t);
 int alloc_check(const shmkv_t *t, int *invariant);
 void alloc_stats(const shmkv_t *t, struct alloc_stats *out);
 void alloc_reset(shmkv_t *t);
+int locked_remove(shmkv_t *t, uint64_t slot, struct shmkv_block *b);
+int locked_remove_block(shmkv_t *t, struct shmkv_block *b);
 
 /* expiry.c */
 uint64_t shmkv__now(void);
@@ -325,8 +327,6 @@ static inline uint64_t min_deadline(uint64_t a, uint64_t b)
 
 /* evict.c */
 struct op;
-int locked_remove(shmkv_t *t, uint64_t slot, struct shmkv_block *b);
-int locked_remove_block(shmkv_t *t, struct shmkv_block *b);
 int locked_reclaim(shmkv_t *t, struct op *op, uint64_t keys, uint64_t units);
 int locked_make_room(shmkv_t *t, struct op *op, uint64_t keys, uint64_t units);
 

@@ -26,7 +26,7 @@ def connect(url: str, **options: Any) -> AnyTable:
     - ``shm://NAME``: attaches to the shared-memory table NAME. With ``capacity`` (and
       optionally ``key_size``, ``value_size``, ``on_full``) it creates the table if it does
       not exist yet, race-free among processes that all do this (``create(...,
-      exist_ok=True)``): ``shm://sessions?capacity=100000&value_size=4096&on_full=evict``.
+      exist_ok=True)``): ``shm://sessions?capacity=100000&value_size=65536&memory=48MiB&on_full=evict``.
       ``lock_timeout`` is passed on, and so are ``user``, ``group`` and ``mode`` (octal),
       whom the table must belong to (see create() and attach()).
     - ``redis://[USER:PASSWORD@]HOST[:PORT][/DB]?name=NAME``, ``rediss://...`` (TLS) or

@@ -78,7 +78,8 @@ def create(
     ``"2GB"``): the file in /dev/shm never grows past it, and a write that finds no room left
     raises TableFull with ``kind == "bytes"`` (or evicts, with ``on_full="evict"``). Without
     ``memory``, the table is sized so that ``capacity`` entries of the largest size always
-    fit. A ``memory`` too small for the index and ``capacity`` entry headers is a ValueError
+    fit. A ``memory`` too small for the index, ``capacity`` entry headers and two entries of
+    the largest size (an overwrite holds the old and the new value at once) is a ValueError
     that names the minimum.
 
     When a new key finds the table full, expired keys are reclaimed first; if none are,
@@ -118,7 +119,7 @@ def create(
     if rc < 0 and cap and geometry.min_memory and cap < geometry.min_memory:
         raise ValueError(f"memory={memory!r} is too small for {capacity:,} keys of up to "
                          f"{key_size} + {value_size} bytes: the index, {capacity:,} entry "
-                         f"headers and one largest entry need at least "
+                         f"headers and two largest entries need at least "
                          f"{geometry.min_memory:,} bytes")
     if rc < 0:
         what = f"{cap:,} bytes" if cap else (f"{capacity:,} entries of {key_size} + "

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pytest
 from conftest import JOIN_TIMEOUT, Clock, hold_lock, join_all
-from shmkv._core import lib
+from shmkv._core import ffi, lib
 
 import shmkv
 from shmkv import _segment
@@ -46,13 +46,53 @@ def with_expired(t: shmkv.Table) -> None:
 
 
 class Case:
-    """A mutation to crash in, the table it starts from and the one it should leave."""
+    """A mutation to crash in, the table it starts from (made by setup, holding `before`)
+    and the one it should leave. data: the data area's bytes (None: sized for capacity)."""
 
     def __init__(self, mutate: Callable[[shmkv.Table], Any], after: dict[bytes, bytes], *,
                  setup: Callable[[shmkv.Table], None] = lambda t: t.update(BEFORE),
-                 capacity: int = 7, on_full: str = "error") -> None:
-        self.mutate, self.after, self.setup = mutate, after, setup
-        self.capacity, self.on_full = capacity, on_full
+                 before: dict[bytes, bytes] = BEFORE, capacity: int = 7,
+                 on_full: str = "error", value_size: int = 16, data: int | None = None) -> None:
+        self.mutate, self.after, self.setup, self.before = mutate, after, setup, before
+        self.capacity, self.on_full, self.value_size = capacity, on_full, value_size
+        self.memory = None if data is None else data_offset(capacity, 8, value_size) + data
+
+
+def data_offset(capacity: int, key_size: int, value_size: int) -> int:
+    """Where the data area of such a table starts: memory = this + the data area's bytes."""
+    g = ffi.new("struct shmkv_geometry *")
+    assert lib.shmkv_layout(capacity, key_size, value_size, 0, g) == 0
+    return int(g.data_offset)
+
+
+# Five keys of 40-byte values take 400 bytes: 5 blocks of 80 (a 32-byte header, the key padded
+# to 8, the value), and a filler f the last 144 of a 544-byte data area (the smallest for 8
+# keys of up to 104 bytes). Without b and d, 160 bytes are free in two holes of 80, so that a
+# 128-byte block (an 88-byte value) fits only after compaction slides c down.
+FILLER = {b"f": b"f" * 104}
+FIVE = {**{k: k * 40 for k in (b"a", b"b", b"c", b"d", b"e")}, **FILLER}
+HOLEY = {k: v for k, v in FIVE.items() if k not in (b"b", b"d")}
+BIG = b"B" * 88
+TIGHT = dict(data=544, capacity=8, value_size=104)
+
+
+def holey(t: shmkv.Table) -> None:
+    t.update(FIVE)
+    del t[b"b"], t[b"d"]
+
+
+# The same 544 bytes: a (5 units of 16), s (3), X (8), s2 (3), e (6), f (9). Without s and s2
+# the two 48-byte holes can only hold a 96-byte block once X, 128 bytes, has slid down over
+# the first hole: a move in three chunks of at most 48 bytes, so that no chunk overwrites
+# what is left to copy.
+SPREAD = {b"a": b"a" * 40, b"s": b"s" * 8, b"X": BIG, b"s2": b"t" * 8, b"e": b"e" * 48,
+          **FILLER}
+SPREAD_HOLEY = {k: v for k, v in SPREAD.items() if k not in (b"s", b"s2")}
+
+
+def spread_holey(t: shmkv.Table) -> None:
+    t.update(SPREAD)
+    del t[b"s"], t[b"s2"]
 
 
 MUTATIONS: dict[str, Case] = {
@@ -90,6 +130,24 @@ MUTATIONS: dict[str, Case] = {
     "replace-expired": Case(lambda t: t.__setitem__(b"gone1", b"back"),
                             {**BEFORE, b"gone1": b"back"}, setup=with_expired),
     "purge-expired": Case(lambda t: t.purge_expired(), BEFORE, setup=with_expired),
+    # Values by size in a tight data area: splits, merges, compaction, eviction for bytes.
+    "insert-compacting": Case(lambda t: t.__setitem__(b"new", BIG), {**HOLEY, b"new": BIG},
+                              setup=holey, before=HOLEY, **TIGHT),
+    "replace-compacting": Case(lambda t: t.__setitem__(b"a", BIG), {**HOLEY, b"a": BIG},
+                               setup=holey, before=HOLEY, **TIGHT),
+    "set-many-compacting": Case(lambda t: t.set_many({b"x": BIG}), {**HOLEY, b"x": BIG},
+                                setup=holey, before=HOLEY, **TIGHT),
+    "insert-compacting-in-chunks": Case(lambda t: t.__setitem__(b"new", b"n" * 56),
+                                        {**SPREAD_HOLEY, b"new": b"n" * 56},
+                                        setup=spread_holey, before=SPREAD_HOLEY, **TIGHT),
+    "delete-merging": Case(lambda t: t.__delitem__(b"c"),
+                           {k: v for k, v in HOLEY.items() if k != b"c"}, setup=holey,
+                           before=HOLEY, **TIGHT),
+    # The hand evicts a, then b (the first cold keys it meets) until 128 bytes are free.
+    "insert-evicting-bytes": Case(lambda t: t.__setitem__(b"new", BIG),
+                                  {**{k: v for k, v in FIVE.items() if k not in (b"a", b"b")},
+                                   b"new": BIG}, setup=lambda t: t.update(FIVE), before=FIVE,
+                                  on_full="evict", **TIGHT),
 }
 
 
@@ -119,10 +177,11 @@ def test_crash_at_every_point_of_every_mutation(mp_context, make_name, clock,
     for points in range(1, MAX_POINTS):
         name = make_name()
         # Capacity 7 with 4 keys (16 slots): room for set-many's two and the probe.
-        with shmkv.create(name, capacity=case.capacity, key_size=8, value_size=16,
-                          on_full=case.on_full) as t:
+        with shmkv.create(name, capacity=case.capacity, key_size=8, value_size=case.value_size,
+                          on_full=case.on_full, memory=case.memory) as t:
             case.setup(t)
             clock.advance(LATER)
+            assert dict(t.items()) == case.before
             child = mp_context.Process(target=crash_during,
                                        args=(name, mutation, points, clock.ns))
             child.start()
@@ -138,8 +197,13 @@ def test_crash_at_every_point_of_every_mutation(mp_context, make_name, clock,
             t.get(b"probe")  # the next operation recovers and goes on
             assert t.stats()["recoveries"] == 1
             t.check()
-            assert_old_or_new(t, BEFORE, case.after)
-            t[b"probe"] = b"after-crash"  # and the table takes writes again
+            assert_old_or_new(t, case.before, case.after)
+            while True:  # and the table takes writes again (a tight one, once it has room)
+                try:
+                    t[b"probe"] = b"after-crash"
+                    break
+                except shmkv.TableFull:
+                    del t[next(iter(t))]
             t.check()
             t.unlink()
     else:
@@ -261,16 +325,22 @@ TORTURE_SECONDS = 5.0
 TORTURE_KILLS = 5  # at least, however slow the machine: it runs on until it has them
 TORTURE_WORKERS = 3
 KEYS = 200
+VALUE_SIZE = 2048
 # The second policy: an evicting table with room for half the keys, values that expire
 # within milliseconds, and sliding touches, so that evictions and expiry reclaims are
-# killed in the middle as often as the other writes.
+# killed in the middle as often as the other writes. The third: room for all the keys but
+# 48 KB for their values, so that bytes run out first: inserts evict for room, and free room
+# scattered between values is gathered by compaction, which is killed in the middle too.
 POLICIES = {"plain": {"capacity": 2 * KEYS + 8},
-            "evict+ttl": {"capacity": KEYS // 2, "on_full": "evict"}}
+            "evict+ttl": {"capacity": KEYS // 2, "on_full": "evict"},
+            "bytes": {"capacity": 2 * KEYS + 8, "on_full": "evict", "data": 48_000}}
 
 
 def make_value(key: bytes, n: int) -> bytes:
-    """A value that proves itself whole: its key, a sequence number, padding, a CRC."""
-    body = key + b"|" + str(n).encode() + b"|" + bytes([n % 251]) * (n % 40)
+    """A value that proves itself whole: its key, a sequence number, padding, a CRC. Mostly
+    short, one in ten up to 1,500 bytes: values change size as they are rewritten."""
+    padding = (n * 7919) % 1500 if n % 10 == 0 else n % 40
+    body = key + b"|" + str(n).encode() + b"|" + bytes([n % 251]) * padding
     return body + struct.pack("=I", zlib.crc32(body))
 
 
@@ -318,8 +388,12 @@ def test_torture_random_sigkills(mp_context, make_name, capsys, policy: str) -> 
     name = make_name()
     rng = random.Random(12345)
     churn = policy != "plain"
-    with shmkv.create(name, key_size=16, value_size=64, lock_timeout=10,
-                      **POLICIES[policy]) as t:
+    options = dict(POLICIES[policy])
+    if "data" in options:
+        options["memory"] = (data_offset(options["capacity"], 16, VALUE_SIZE)
+                             + options.pop("data"))
+    with shmkv.create(name, key_size=16, value_size=VALUE_SIZE, lock_timeout=10,
+                      **options) as t:
         # A plain shared byte, not an Event: an Event's lock dies held with a killed worker
         # and then blocks every other one (the reason shmkv's own lock is a robust mutex).
         stop = mp_context.RawValue("b", 0)
@@ -371,6 +445,7 @@ def test_torture_random_sigkills(mp_context, make_name, capsys, policy: str) -> 
                   f"survived, {checked:,} values checked whole, {stats['recoveries']} "
                   f"recoveries, {stats['inserts'] + stats['updates'] + stats['deletes']:,} "
                   f"writes, {stats['evictions']:,} evictions, {stats['expirations']:,} "
-                  f"expirations, {len(t)} keys at the end")
+                  f"expirations, {stats['compactions']:,} compactions, {len(t)} keys at "
+                  "the end")
         assert kills >= TORTURE_KILLS
         t.unlink()

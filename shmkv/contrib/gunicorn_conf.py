@@ -1,7 +1,7 @@
 """A gunicorn config whose master creates the shmkv table before it forks its workers, and
 removes it when gunicorn exits. Use it as it is::
 
-    SHMKV_URL='shm://sessions?capacity=100000&value_size=4096&on_full=evict' \\
+    SHMKV_URL='shm://sessions?capacity=100000&value_size=65536&memory=48MiB&on_full=evict' \\
         gunicorn -c python:shmkv.contrib.gunicorn_conf --workers 4 app:app
 
 or import its hooks into your own ``gunicorn.conf.py``::
@@ -26,13 +26,15 @@ the workers, which accept only tables of their own user, can open it; a master t
 attaches to that table again, and refuses one that anybody else owns (shmkv.UntrustedTable).
 
 THE DEFAULT TABLE
-Without ``SHMKV_URL``, the table is ``sessions-UID`` (UID: the workers' user id), 10,000
-sessions of up to 2 KiB (21 MB of /dev/shm). The user id in the name keeps the servers of two
-users apart, each with a table of its own, where a common name would make the second one to
-start fail on the first one's table. It is no secret: another local user may create
-``sessions-UID`` first, and the server then refuses to start, with an error that names the
-squatter (a denial of service, never a takeover). Name the table in ``SHMKV_URL`` to choose
-another, and give each app of one user its own: two apps sharing a table share their sessions.
+Without ``SHMKV_URL``, the table is ``sessions-UID`` (UID: the workers' user id): up to
+100,000 sessions of up to 64 KiB each, in 48 MiB of /dev/shm (Docker gives a container 64 MB),
+each taking room by its size: 50,000 sessions of 300 bytes fill 20 MB of it. The user id in
+the name keeps the servers of two users apart, each with a table of its own, where a common
+name would make the second one to start fail on the first one's table. It is no secret:
+another local user may create ``sessions-UID`` first, and the server then refuses to start,
+with an error that names the squatter (a denial of service, never a takeover). Name the table
+in ``SHMKV_URL`` to choose another, and give each app of one user its own: two apps sharing a
+table share their sessions.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ from urllib.parse import parse_qsl, urlsplit
 import shmkv
 from shmkv._table import process_state
 
-#: The default table's size: 10,000 sessions of up to 2 KiB take 21 MB, within Docker's 64 MB
-#: /dev/shm.
-DEFAULT_OPTIONS = "capacity=10000&key_size=64&value_size=2048&on_full=evict"
+#: The default table: 48 MiB, within Docker's 64 MB /dev/shm, for up to 100,000 sessions of
+#: any size up to 64 KiB (a session of 300 bytes takes 400).
+DEFAULT_OPTIONS = "capacity=100000&key_size=64&value_size=65536&memory=48MiB&on_full=evict"
 
 _table: Any = None
 _server: Any = None
@@ -57,7 +59,8 @@ _master = -1
 def table_url(uid: int | None = None) -> str:
     """The table's URL, as shmkv.connect() takes it: ``$SHMKV_URL``, else the default table
     of user uid (default: this process's effective user),
-    ``shm://sessions-UID?capacity=10000&key_size=64&value_size=2048&on_full=evict``."""
+    ``shm://sessions-UID?capacity=100000&key_size=64&value_size=65536&memory=48MiB&on_full=evict``.
+    """
     url = os.environ.get("SHMKV_URL")
     if url:
         return url
