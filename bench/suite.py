@@ -630,6 +630,10 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], float],
     shm = w4_rates.get("shmkv", {})
     check("W4 shmkv 2 processes / 1 process (aggregate ops/s)",
           ratio(shm.get(2), shm.get(1)), 1.6, ">=")
+    fixed = w4_rates.get(FIXED, {})
+    if fixed.get(2) and shm.get(2):
+        check("W4 shmkv 2 processes / fixed-slot 2 processes (ops/s)",
+              ratio(shm.get(2), fixed.get(2)), 0.9, ">=")
     check("W5 shmkv get_many ns per key / get ns", ratio(ns("W5", "shmkv"), ns("W1", "shmkv")),
           0.5, "<=")
     per_entry = (memory["segment_size"] / memory["capacity"]
@@ -637,8 +641,8 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], float],
     check(f"memory: segment bytes per entry beyond key + value (value_size={LARGE})",
           per_entry, 64, "<=")
     slots = memory["index_slots"]
-    formula = 448 + slots * 8 + (memory["capacity"] + 1) * (
-        32 + -(-memory["key_size"] // 8) * 8 + -(-memory["value_size"] // 8) * 8)
+    formula = 1664 + slots * 8 + (memory["capacity"] + 1) * -(-(
+        32 + -(-memory["key_size"] // 8) * 8 + memory["value_size"]) // 16) * 16
     print(f"  {'memory: README formula = stats()/shmkv-inspect segment_size':<58} "
           f"{formula:,} vs {memory['segment_size']:,}  "
           f"{'MET' if formula == memory['segment_size'] else 'NOT MET'}")
