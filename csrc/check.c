@@ -38,7 +38,7 @@ int locked_check(shmkv_t *t, int *invariant)
                  g.capacity == t->capacity && g.key_size == t->key_size &&
                  g.value_size == t->value_size && g.nslots == h->nslots &&
                  g.index_offset == h->index_offset && g.data_offset == h->data_offset &&
-                 g.data_size == h->data_units * UNIT && g.total_size == h->total_size);
+                 g.data_size / UNIT == h->data_units && g.total_size == h->total_size);
     CHECK(2, count <= t->capacity);
     /* The blocks first: the walks below rely on their sizes. */
     rc = alloc_check(t, invariant);

@@ -270,7 +270,7 @@ int shmkv_open(void *base, uint64_t size, shmkv_t **out, char *why, uint32_t why
                             "(header size %u, here %zu)", h->header_size, sizeof *h);
     if (shmkv_layout(h->capacity, h->key_size, h->value_size, h->memory, &g) != SHMKV_OK ||
         g.nslots != h->nslots || g.index_offset != h->index_offset ||
-        g.data_offset != h->data_offset || g.data_size != h->data_units * UNIT ||
+        g.data_offset != h->data_offset || g.data_size / UNIT != h->data_units ||
         g.total_size != h->total_size)
         return incompatible(why, whycap,
                             "inconsistent header: geometry does not follow from capacity %llu "

@@ -89,10 +89,13 @@ int index_find(const shmkv_t *t, uint64_t hash, const char *key, uint32_t klen,
 int index_slot_of(const shmkv_t *t, const struct shmkv_block *b, uint64_t *slot_out)
 {
     uint32_t klen = b->key_len;
+    uint64_t size = b->size;
     struct shmkv_block *found = NULL;
     int rc;
 
-    if (klen > t->key_size)
+    /* The key is hashed in place: it must lie inside the block and the data area. */
+    if (klen > t->key_size || size > t->data_units - unit_of(t, b) ||
+        entry_units(klen, 0) > size)
         return SHMKV_ECORRUPT;
     rc = index_find(t, hash_key(t, (const char *)(b + 1), klen), (const char *)(b + 1), klen,
                     slot_out, &found);

@@ -187,6 +187,7 @@ class _TableBase(MutableMapping[bytes, bytes]):
 
     def popitem(self) -> tuple[bytes, bytes]:
         """Removes and returns some (key, value); KeyError if the table is empty."""
+        missed: Any = None
         while True:
             keys = self._snapshot(False)
             if not keys:
@@ -195,6 +196,12 @@ class _TableBase(MutableMapping[bytes, bytes]):
                 value = self.pop(key, None)
                 if value is not None:
                     return key, value
+            # Other processes may have taken every key listed; but the same keys listed
+            # twice and found by no lookup can only be a damaged index.
+            if keys == missed:
+                raise error_for(lib.SHMKV_ECORRUPT, f"table {self._name!r}: popitem() finds "
+                                "listed keys missing from the index")
+            missed = keys
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Like dict.update, stored in one step with set_many()."""
@@ -224,7 +231,7 @@ class _SnapshotValues(ValuesView[bytes]):
 
 
 class Table(_TableBase):
-    """A fixed-size hash table of bytes keys and bytes values in shared memory.
+    """A hash table of bytes keys and bytes values in shared memory, of a size fixed at creation.
 
     Make one with :func:`shmkv.create` (the master) or :func:`shmkv.attach` (a worker).
     Behaves like a ``dict`` whose keys and values are bytes; every single operation is atomic
