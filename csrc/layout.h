@@ -124,6 +124,8 @@ struct shmkv_header {
 struct shmkv_block {
     uint32_t size;             /* units, header included: the next block starts there */
     uint32_t prev_size;        /* units of the block before; 0 for the first (derived) */
+    /* state and referenced share one aligned 8-byte word, which lock-free readers
+     * compare-and-swap as a whole (table.c, mark_used). */
     uint32_t state;            /* BLOCK_FREE, BLOCK_BUSY or BLOCK_USED */
     uint32_t referenced;       /* REF_*: CLOCK's bit, a hint that recovery never needs */
     uint32_t key_len;          /* <= key_size */
@@ -135,6 +137,11 @@ struct shmkv_block {
         } free;
     } u;
 };
+
+_Static_assert(offsetof(struct shmkv_block, state) % 8 == 0 &&
+                   offsetof(struct shmkv_block, referenced) ==
+                       offsetof(struct shmkv_block, state) + 4,
+               "mark_used() swaps state and referenced as one aligned 8-byte word");
 
 /* The per-process handle: a copy of the geometry validated at open, so that every bound used
  * by an operation comes from here, never re-read from the (possibly corrupted) segment. */

@@ -260,6 +260,9 @@ void shmkv_testing_set_clock(uint64_t now_ns);
 int shmkv_testing_hold_lock(shmkv_t *t, int hold);
 /* For tests: flips the low bit of the table's sequence word, as damage would. */
 int shmkv_testing_flip_seq(shmkv_t *t);
+/* For tests: marks the block at `offset` bytes into the data area used, as a lock-free reader
+ * does after its read, when a writer may have freed or moved the block it read meanwhile. */
+int shmkv_testing_mark_used_at(shmkv_t *t, uint64_t offset);
 /* For tests: the offset of a header field ("count", "lock", ...) from the segment's start,
  * or of a block field ("block.size", ..., "block.key") from the block's; SHMKV_EARG if
  * unknown. Block states: */

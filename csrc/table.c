@@ -345,16 +345,36 @@ static int locked_refind(shmkv_t *t, struct op *op, const char *key, uint32_t kl
 }
 
 /* CLOCK's bit. Only evicting tables keep it, and it is written only when it changes, so a
- * key read over and over does not dirty its cache line each time. A compare-and-swap, since
- * a lock-free reader may get here after a writer reused the block and pinned it: a pin must
- * never be overwritten. */
+ * key read over and over does not dirty its cache line each time. A lock-free reader marks
+ * after its read stood, by when a writer may have freed, merged or moved the block: b may
+ * then point into the middle of another entry's key or value. So the mark is one 8-byte
+ * compare-and-swap of the state word and CLOCK's word together, from (USED, cold) to (USED,
+ * used): it writes only where a USED block header stood, never into data, and never over a
+ * pin. (Data that spells a USED header's eight bytes at a block boundary is the one thing it
+ * could mistake, and would only be marked used.) */
 static inline void mark_used(const shmkv_t *t, struct shmkv_block *b)
 {
-    uint32_t cold = REF_COLD;
+    typedef uint64_t __attribute__((may_alias)) word_t;
+    const uint32_t cold_pair[2] = {BLOCK_USED, REF_COLD}, used_pair[2] = {BLOCK_USED, REF_USED};
+    uint64_t cold, used;
 
-    if (t->evict && __atomic_load_n(&b->referenced, __ATOMIC_RELAXED) == REF_COLD)
-        __atomic_compare_exchange_n(&b->referenced, &cold, REF_USED, 0, __ATOMIC_RELAXED,
-                                    __ATOMIC_RELAXED);
+    if (!t->evict || __atomic_load_n(&b->referenced, __ATOMIC_RELAXED) != REF_COLD)
+        return;
+    memcpy(&cold, cold_pair, sizeof cold);
+    memcpy(&used, used_pair, sizeof used);
+    __atomic_compare_exchange_n((word_t *)(void *)&b->state, &cold, used, 0, __ATOMIC_RELAXED,
+                                __ATOMIC_RELAXED);
+}
+
+int shmkv_testing_mark_used_at(shmkv_t *t, uint64_t offset)
+{
+    ENTER(t);
+    if (t == NULL)
+        return SHMKV_ECLOSED;
+    if (offset % UNIT != 0 || offset >= t->data_units * UNIT)
+        return SHMKV_EARG;
+    mark_used(t, (struct shmkv_block *)(t->data + offset));
+    return SHMKV_OK;
 }
 
 static void fill_block(struct shmkv_block *b, const char *key, uint32_t klen,

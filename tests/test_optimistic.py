@@ -116,6 +116,21 @@ def test_readers_never_see_a_torn_value(mp_context, make_name, room: str) -> Non
         t.unlink()
 
 
+def test_a_reader_marking_a_moved_block_writes_no_data(make_name) -> None:
+    """A lock-free reader of an evicting table marks the entry it read used after its read
+    stood; by then a writer may have freed, merged or moved that block, and the reader's
+    pointer may lie inside another entry's value. The mark must then write nothing: here
+    zero bytes of a value stand where a block's CLOCK word would."""
+    with shmkv.create(make_name(), capacity=4, key_size=8, value_size=256,
+                      on_full="evict") as t:
+        t[b"k"] = bytes(200)  # the first block: a 32-byte header, the key, value at 40..240
+        for offset in range(48, 224, 16):  # every 16-byte boundary inside the value
+            assert lib.shmkv_testing_mark_used_at(t._h, offset) == 0
+        assert t[b"k"] == bytes(200)
+        t.check()
+        t.unlink()
+
+
 def test_a_flipped_bit_in_seq_is_mended_by_the_next_locker(mp_context, make_name) -> None:
     """seq made odd while the lock is free (one flipped bit): the first writer to take the
     lock must not take it for its own odd stretch and even it, writing with seq even;
