@@ -5,7 +5,7 @@
     CACHES = {
         "default": {
             "BACKEND": "shmkv.contrib.django.ShmkvCache",
-            "LOCATION": "shm://cache?capacity=100000&value_size=65536&memory=64MiB&on_full=evict",
+            "LOCATION": "shm://cache?capacity=100000&value_size=65536&memory=32MiB&on_full=evict",
         }
     }
 
@@ -57,7 +57,8 @@ from ..errors import TableFull, ValueTooLarge
 # INCRBY reads). Every other value is _PICKLED followed by its pickle. The two never meet:
 # - in shared memory, a counter is exactly 8 bytes, and a pickled value never is: one whose
 #   tag and pickle come to 8 bytes gets one more byte, _PAD, after the pickle (pickle.loads
-#   ignores bytes past the pickle's STOP), so the length alone tells them apart;
+#   ignores bytes past the pickle's STOP), so the length alone tells them apart (no pickle
+#   of protocol 4 or 5 is 7 bytes long, a frame takes 9, but the rule does not rely on it);
 # - on Redis, decimal text starts with a digit or "-", and a pickled value with _PICKLED.
 # bool, an int subclass, and ints past 64 bits are pickled: they come back as they went in.
 _PICKLED = b"p"
@@ -90,7 +91,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class ShmkvCache(BaseCache):
+class ShmkvCache(BaseCache):  # type: ignore[misc]
     """Django's cache on a shmkv table (or a RedisTable): ``BACKEND =
     "shmkv.contrib.django.ShmkvCache"``, ``LOCATION`` a URL for :func:`shmkv.connect`. See
     the module's docstring for what it stores and how."""
@@ -131,7 +132,7 @@ class ShmkvCache(BaseCache):
     def _key(self, key: Any, version: int | None) -> bytes:
         """The table's key for a Django key: made and validated as BaseCache says, in UTF-8,
         hashed when longer than the table allows."""
-        data = self.make_and_validate_key(key, version=version).encode()
+        data: bytes = self.make_and_validate_key(key, version=version).encode()
         limit = self.table.key_size
         if limit is not None and len(data) > limit:
             return _HASHED + hashlib.blake2b(data, digest_size=_DIGEST).digest()
@@ -184,7 +185,7 @@ class ShmkvCache(BaseCache):
         if ttl is False:
             return k not in table
         try:
-            return table.add(k, data, ttl)  # type: ignore[arg-type]
+            return table.add(k, data, ttl)
         except (TableFull, ValueTooLarge):
             return False
 
@@ -203,7 +204,7 @@ class ShmkvCache(BaseCache):
         ttl = self._ttl(timeout)
         if ttl is not False:
             try:
-                table.set(k, data, ttl)  # type: ignore[arg-type]
+                table.set(k, data, ttl)
                 return
             except (TableFull, ValueTooLarge):
                 pass
@@ -217,7 +218,7 @@ class ShmkvCache(BaseCache):
         ttl = self._ttl(timeout)
         if ttl is False:
             return table.pop(k, None) is not None
-        return table.touch(k, ttl)  # type: ignore[arg-type]
+        return table.touch(k, ttl)
 
     def delete(self, key: Any, version: int | None = None) -> bool:
         """Removes key; True if it was there."""
@@ -273,14 +274,14 @@ class ShmkvCache(BaseCache):
             return []
         try:
             table.set_many({k: value for k, (_, value) in batch.items()},
-                           ttl)  # type: ignore[arg-type]
+                           ttl)
             return []
         except (TableFull, ValueTooLarge):
             pass
         failed = []
         for k, (key, value) in batch.items():  # one by one, to find which do not fit
             try:
-                table.set(k, value, ttl)  # type: ignore[arg-type]
+                table.set(k, value, ttl)
             except (TableFull, ValueTooLarge):
                 table.pop(k, None)
                 failed.append(key)
@@ -313,15 +314,19 @@ class ShmkvCache(BaseCache):
 
     async def aget_many(self, keys: Iterable[Any],
                         version: int | None = None) -> dict[Any, Any]:
-        return await sync_to_async(self.get_many, thread_sensitive=True)(keys, version)
+        found: dict[Any, Any] = await sync_to_async(self.get_many, thread_sensitive=True)(
+            keys, version)
+        return found
 
     async def aset_many(self, data: dict[Any, Any], timeout: Any = DEFAULT_TIMEOUT,
                         version: int | None = None) -> list[Any]:
-        return await sync_to_async(self.set_many, thread_sensitive=True)(data, timeout,
-                                                                         version)
+        failed: list[Any] = await sync_to_async(self.set_many, thread_sensitive=True)(
+            data, timeout, version)
+        return failed
 
     async def adelete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
-        return await sync_to_async(self.delete_many, thread_sensitive=True)(keys, version)
+        await sync_to_async(self.delete_many, thread_sensitive=True)(keys, version)
 
     async def ahas_key(self, key: Any, version: int | None = None) -> bool:
-        return await sync_to_async(self.has_key, thread_sensitive=True)(key, version)
+        found: bool = await sync_to_async(self.has_key, thread_sensitive=True)(key, version)
+        return found
