@@ -1,2 +1,3 @@
-"""Glue between shmkv and the servers people run: Flask sessions (``shmkv.contrib.flask``)
-and a gunicorn config whose master creates the table (``shmkv.contrib.gunicorn_conf``)."""
+"""Glue between shmkv and the servers people run: Flask sessions (``shmkv.contrib.flask``),
+Django's cache (``shmkv.contrib.django``) and a gunicorn config whose master creates the
+table (``shmkv.contrib.gunicorn_conf``)."""
