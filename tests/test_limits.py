@@ -206,7 +206,7 @@ def test_processes_together_admit_exactly_the_limit(strategy: str, mp_context,
 
 WORKER_PID = '''
 import os
-from app import app
+from limits_app import app
 
 @app.after_request
 def worker_pid(response):
@@ -216,10 +216,13 @@ def worker_pid(response):
 
 
 def readme_app() -> str:
-    """The README's Flask-Limiter app, as written."""
+    """The README's Flask-Limiter app, as written (and as examples/limits_app.py has it)."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Rate limits", 1)[1]
-    return re.search(r"```python\n(# app\.py\n.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(# limits_app\.py\n.*?)```", readme, re.S).group(1)
+
+
+def test_the_readme_app_is_the_example() -> None:
+    assert readme_app() == (ROOT / "examples" / "limits_app.py").read_text()
 
 
 @pytest.fixture
@@ -231,7 +234,7 @@ def limited_server(request, make_name, tmp_path: Path):
     name = make_name()
     # The only change: a table name of this test's own (or limits' memory://).
     uri = f"shmkv://{name}?capacity=100000" if request.param == "shmkv" else "memory://"
-    (tmp_path / "app.py").write_text(
+    (tmp_path / "limits_app.py").write_text(
         source.replace("shmkv://ratelimits?capacity=100000", uri))
     (tmp_path / "pids.py").write_text(WORKER_PID)
     srv = Server(f"shm://{make_name()}?capacity=10", tmp_path / "gunicorn.log",
