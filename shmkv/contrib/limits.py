@@ -18,10 +18,12 @@ The three strategies of ``limits``, each atomic across processes through one key
 
 - **fixed window**: a counter made by ``incr(..., ttl=expiry)``, which sets the deadline only
   when it creates the counter;
-- **moving window**: one value per key holding the timestamps of the window's entries (8
-  bytes each, newest first, at most ``limit`` of them), replaced by a compare-and-swap loop.
-  A limit of N per period needs values of 8 × N bytes: "1000 per hour" needs a table with
-  ``value_size`` of at least 8000;
+- **moving window**: one value per key holding the window's hits as (time, cost) pairs of 16
+  bytes, newest first, replaced by a compare-and-swap loop. A window of more pairs than the
+  table's ``value_size`` holds merges its two oldest pairs into one at the newer time: the
+  merged hits then count a little longer than they should, so the limit errs on the strict
+  side and never admits more than it says. ``value_size=1024`` holds 64 pairs exactly: give
+  the table ``value_size=16 * N`` for limits of N hits that must expire one by one;
 - **sliding window counter**: one value per key holding the current window's number and the
   counts of the current and previous windows (windows aligned on multiples of the period
   since the epoch, as limits' memory and memcached storages align them), replaced by a
@@ -49,7 +51,7 @@ from limits.storage.base import TimestampedSlidingWindow
 
 from .._connect import connect
 from .._table import Table
-from ..errors import Error, ValueTooLarge
+from ..errors import Error
 
 __all__ = ["SCHEME", "AsyncShmkvStorage", "ShmkvStorage"]
 
@@ -58,9 +60,9 @@ SCHEME = "shmkv"
 
 _PREFIX = b"limits."
 _COUNTER = _PREFIX + b"c:"  # fixed-window counters: incr()'s 8 little-endian bytes
-_MOVING = _PREFIX + b"m:"  # moving windows: float64 timestamps, newest first
+_MOVING = _PREFIX + b"m:"  # moving windows: _HITS pairs, newest first
 _SLIDING = _PREFIX + b"s:"  # sliding window counters: _SLIDING_STATE
-_TIMESTAMP = struct.Struct("<d")
+_HITS = struct.Struct("<dq")  # when, how many
 _SLIDING_STATE = struct.Struct("<qqq")  # window number, previous count, current count
 _DIGEST_SIZE = 16
 
@@ -157,34 +159,37 @@ class ShmkvStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport,
 
     # ------------------------------------------------------------------ moving window
 
-    def _window(self, value: bytes | None, now: float, expiry: float) -> list[float]:
-        """The timestamps of a stored window that are inside it at now, newest first."""
+    def _window(self, value: bytes | None, now: float, expiry: float) -> list[tuple[float, int]]:
+        """The (time, cost) pairs of a stored window that are inside it at now, newest
+        first."""
         if not value:
             return []
         start = now - expiry
-        stamps = [stamp for (stamp,) in _TIMESTAMP.iter_unpack(value)]
-        return [stamp for stamp in stamps if stamp >= start]
+        return [pair for pair in _HITS.iter_unpack(value) if pair[0] >= start]
+
+    def _pack_window(self, pairs: list[tuple[float, int]], room: int) -> bytes:
+        """pairs as stored, the two oldest merged (at the newer time) while they exceed room
+        bytes."""
+        while len(pairs) > 1 and len(pairs) * _HITS.size > room:
+            (newer, newer_cost), (_, older_cost) = pairs[-2:]
+            pairs[-2:] = [(newer, newer_cost + older_cost)]
+        return b"".join(_HITS.pack(*pair) for pair in pairs)
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        """Adds amount entries to the moving window of key if it then holds at most limit
-        entries of the last expiry seconds; True if it did. ValueTooLarge (before anything
-        changes) if limit entries do not fit in one of the table's values."""
+        """Adds amount hits to the moving window of key if it then holds at most limit hits of
+        the last expiry seconds; True if it did. One compare-and-swap: exact under any
+        concurrency."""
         if amount > limit:
             return False
         table = self.table
-        if limit * _TIMESTAMP.size > table.value_size:
-            raise ValueTooLarge(f"a moving window of {limit} entries needs values of "
-                                f"{limit * _TIMESTAMP.size} bytes; table {table.name!r} holds "
-                                f"at most {table.value_size}: create it with a larger "
-                                "value_size")
         stored_key = self._key(_MOVING, key)
         while True:
             old = table.get(stored_key)
             now = self.clock()
-            stamps = self._window(old, now, expiry)
-            if len(stamps) + amount > limit:
+            pairs = self._window(old, now, expiry)
+            if sum(cost for _, cost in pairs) + amount > limit:
                 return False
-            new = _TIMESTAMP.pack(now) * amount + b"".join(map(_TIMESTAMP.pack, stamps))
+            new = self._pack_window([(now, amount), *pairs], table.value_size)
             if old is None:
                 if table.add(stored_key, new, ttl=expiry):
                     return True
@@ -192,11 +197,13 @@ class ShmkvStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport,
                 return True
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
-        """(the time of the oldest entry in the window, the number of entries in it); (now, 0)
-        for an empty window."""
+        """(the time of the oldest hit in the window, the number of hits in it); (now, 0) for
+        an empty window."""
         now = self.clock()
-        stamps = self._window(self.table.get(self._key(_MOVING, key)), now, expiry)
-        return (stamps[-1], len(stamps)) if stamps else (now, 0)
+        pairs = self._window(self.table.get(self._key(_MOVING, key)), now, expiry)
+        if not pairs:
+            return now, 0
+        return pairs[-1][0], sum(cost for _, cost in pairs)
 
     # ------------------------------------------------------------------ sliding window counter
 
