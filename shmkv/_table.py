@@ -165,6 +165,8 @@ class _TableBase(MutableMapping[bytes, bytes]):
     """What a Table and a RedisTable share above their storage: iteration and the views over
     _snapshot(), popitem() over pop(), update() as set_many(), and the context manager."""
 
+    _name: str  # the table's name, which each subclass sets
+
     def _snapshot(self, with_values: bool) -> list[Any]:
         """Every key, or every (key, value) pair, as a list the caller may walk at leisure."""
         raise NotImplementedError
