@@ -11,10 +11,12 @@ messages::
 
 ``shmkv.connect("shm://sessions")`` names a table by URL; ``redis://HOST/0?name=sessions``
 gives the same interface on a Redis server, for the day one machine is not enough.
+``@shmkv.memoize(table)`` is functools.lru_cache shared by every process of the machine.
 """
 
 from ._connect import connect
 from ._core import lib as _lib
+from ._memoize import memoize
 from ._open import attach, create, parse_size
 from ._redis import RedisTable
 from ._segment import unlink
@@ -67,6 +69,7 @@ __all__ = [
     "attach",
     "connect",
     "create",
+    "memoize",
     "parse_size",
     "unlink",
 ]

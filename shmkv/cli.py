@@ -6,6 +6,7 @@ r"""shmkv-inspect: the operator's view of the shmkv tables on this machine.
     shmkv-inspect NAME --get KEY [--raw]
     shmkv-inspect NAME --check         verify every invariant
     shmkv-inspect NAME --watch SECONDS [--count N]   refresh the view in place
+    shmkv-inspect [NAME] --prometheus  counters and memory in Prometheus' text format
     shmkv-inspect --unlink NAME --yes  remove a table (also one its creator never finished)
     --json                             any of these as JSON, for scripts
     --lock-timeout SECONDS             how long one read waits for a held lock (default 0.5)
@@ -409,6 +410,99 @@ def format_table(d: dict[str, Any]) -> str:
     ])
 
 
+# ---------------------------------------------------------------------- Prometheus
+
+#: (stats key, metric name, help) of the counters, which only ever grow.
+PROMETHEUS_COUNTERS = (
+    ("hits", "shmkv_hits_total", "Lookups that found their key."),
+    ("misses", "shmkv_misses_total", "Lookups that did not find their key."),
+    ("inserts", "shmkv_inserts_total", "Keys stored that were absent."),
+    ("updates", "shmkv_updates_total", "Values replaced."),
+    ("deletes", "shmkv_deletes_total", "Keys removed by a call."),
+    ("evictions", "shmkv_evictions_total", "Live keys evicted to make room."),
+    ("expirations", "shmkv_expirations_total", "Expired keys whose room was reclaimed."),
+    ("recoveries", "shmkv_recoveries_total",
+     "Repairs after a process died holding the lock."),
+    ("lock_timeouts", "shmkv_lock_timeouts_total", "Calls that gave up waiting for the lock."),
+    ("compactions", "shmkv_compactions_total", "Compactions of the data area."),
+    ("moved_bytes", "shmkv_compaction_moved_bytes_total", "Bytes moved by compactions."),
+)
+#: (stats key, metric name, help) of the gauges.
+PROMETHEUS_GAUGES = (
+    ("len", "shmkv_keys", "Keys held (expired ones not reclaimed yet included)."),
+    ("capacity", "shmkv_capacity_keys", "Most keys the table holds."),
+    ("fill", "shmkv_fill_ratio", "Keys held over capacity."),
+    ("bytes_stored", "shmkv_stored_bytes", "Bytes of keys and values."),
+    ("bytes_used", "shmkv_used_bytes", "Bytes of the data area in use."),
+    ("bytes_free", "shmkv_free_bytes", "Bytes of the data area free."),
+    ("largest_free", "shmkv_largest_free_block_bytes", "The largest free block of the data area."),
+    ("data_size", "shmkv_data_area_bytes", "Size of the data area."),
+    ("segment_size", "shmkv_segment_bytes", "Size of the shared-memory segment."),
+    ("resident_bytes", "shmkv_resident_bytes", "Bytes of the segment tmpfs has allocated."),
+    ("key_size", "shmkv_key_size_bytes", "Longest key allowed."),
+    ("value_size", "shmkv_value_size_bytes", "Longest value allowed."),
+    ("broken", "shmkv_broken", "1 if the table was found damaged beyond repair."),
+)
+
+
+def prometheus_label(value: str) -> str:
+    """A label value escaped as the text exposition format asks: backslash, double quote
+    and line feed as \\\\, \\" and \\n."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
+def format_prometheus(tables: list[dict[str, Any]]) -> str:
+    """The summaries of tables (see :func:`summary`) in Prometheus' text exposition format
+    (version 0.0.4): one HELP and one TYPE line per metric, one sample per table, labelled
+    ``table="NAME"``; ``shmkv_table_info`` carries the owner, mode, format and policy."""
+    lines = ["# HELP shmkv_tables Tables found.", "# TYPE shmkv_tables gauge",
+             f"shmkv_tables {len(tables)}",
+             "# HELP shmkv_table_info A table's owner, mode, format version and policy.",
+             "# TYPE shmkv_table_info gauge"]
+    for d in tables:
+        labels = ",".join(f'{key}="{prometheus_label(str(value))}"' for key, value in (
+            ("table", d["name"]), ("owner", d["owner"]), ("mode", d["mode"]),
+            ("format", d["version"]), ("on_full", d["on_full"])))
+        lines.append(f"shmkv_table_info{{{labels}}} 1")
+    for kind, metrics in (("counter", PROMETHEUS_COUNTERS), ("gauge", PROMETHEUS_GAUGES)):
+        for key, metric, text in metrics:
+            lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}"]
+            lines += [f'{metric}{{table="{prometheus_label(d["name"])}"}} {_sample(d[key])}'
+                      for d in tables if d.get(key) is not None]
+    return "\n".join(lines) + "\n"
+
+
+def prometheus(names: list[str] | None = None,
+               lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> str:
+    """Every table's counters and memory (or those of the named tables) in Prometheus' text
+    format: what ``shmkv-inspect --prometheus`` prints, for a /metrics handler. Reads like
+    the listing: as an observer, never waiting longer than lock_timeout. A table that
+    vanishes or cannot be read meanwhile is left out; a named one raises Failure."""
+    explicit = names is not None
+    if names is None:
+        rows, _ = list_tables(False, lock_timeout)
+        names = [row["name"] for row in rows if row["status"] == "table"]
+    tables = []
+    for name in names:
+        try:
+            t = _open(name, lock_timeout)
+        except Failure:
+            if explicit:
+                raise
+            continue
+        try:
+            tables.append(summary(t))
+        finally:
+            t.close()
+    return format_prometheus(tables)
+
+
 # ---------------------------------------------------------------------- arguments
 
 
@@ -470,6 +564,9 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("--check", action="store_true", help="verify every invariant")
     command.add_argument("--watch", type=_seconds, metavar="SECONDS",
                          help="refresh the one-table view every SECONDS until interrupted")
+    command.add_argument("--prometheus", action="store_true",
+                         help="every table's counters and memory (or NAME's) in Prometheus' "
+                         "text format, for node_exporter's textfile collector")
     command.add_argument("--unlink", metavar="NAME",
                          help="remove a table, or an unfinished one (needs --yes)")
     p.add_argument("--prefix", metavar="P", help="with --keys: only keys starting with P")
@@ -496,6 +593,8 @@ def _check_usage(args: argparse.Namespace) -> None:
     needs("--raw", args.raw, "--get", args.get is not None)
     needs("--count", args.count is not None, "--watch", args.watch is not None)
     needs("--yes", args.yes, "--unlink", args.unlink is not None)
+    if args.prometheus and (args.json or args.all):
+        raise Failure("--prometheus takes neither --json nor --all", EXIT_USAGE)
     if args.raw and args.json:
         raise Failure("--raw and --json exclude each other", EXIT_USAGE)
     if args.unlink is not None:
@@ -556,6 +655,10 @@ def run(args: argparse.Namespace) -> int:
                           EXIT_USAGE)
         return _unlink(_name(args.unlink), args)
     lock_timeout = args.lock_timeout or DEFAULT_LOCK_TIMEOUT
+    if args.prometheus:
+        names = None if args.name is None else [_name(args.name)]
+        sys.stdout.write(prometheus(names, lock_timeout))
+        return EXIT_OK
     if args.name is None:
         rows, others = list_tables(args.all, lock_timeout)
         _emit(args, rows, format_list(rows, others))

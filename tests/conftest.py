@@ -253,3 +253,18 @@ def store(store_url: str) -> Iterator[shmkv.Table | shmkv.RedisTable]:
     t = shmkv.connect(store_url)
     yield t
     t.close()
+
+
+@pytest.fixture(params=["shm", "redis"])
+def cache_url(request: pytest.FixtureRequest, make_name: Callable[[], str]) -> Iterator[str]:
+    """A URL naming a fresh table sized for a cache (1,000 keys of up to 250 bytes, values
+    of up to 4 KiB, evicting when full), in shared memory or on Redis."""
+    name = make_name()
+    if request.param == "shm":
+        yield f"shm://{name}?capacity=1000&key_size=250&value_size=4096&on_full=evict"
+        return
+    sock = request.getfixturevalue("redis_socket")
+    url = f"unix://{sock}?name={name}&key_size=250&value_size=4096"
+    yield url
+    with shmkv.connect(url) as t:
+        t.clear()
