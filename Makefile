@@ -6,12 +6,11 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 CFILES  = $(wildcard csrc/*.c)
 
-.PHONY: help build test host-suites demo bench lint cwarn sanitize clean
+.PHONY: help build test demo bench lint cwarn sanitize clean
 
 help:
 	@echo "build     install shmkv editable with the test and lint tools (C warnings are errors)"
 	@echo "test      run the test suite"
-	@echo "host-suites  run cachelib's and Flask-Caching's own backend tests against ShmkvCache"
 	@echo "demo      run the master/workers demo"
 	@echo "bench     run the benchmarks"
 	@echo "lint      ruff and mypy on the package, C warnings as errors"
@@ -26,17 +25,6 @@ build: $(BIN)/python
 
 test: build
 	$(BIN)/python -m pytest
-
-# cachelib and Flask-Caching ship their generic backend tests in their sdists only: fetch the
-# sdists of the installed versions into .host-suites/ and run those tests against ShmkvCache.
-HOST_SUITES = .host-suites
-host-suites: build
-	mkdir -p $(HOST_SUITES) && cd $(HOST_SUITES) && for dist in cachelib Flask-Caching; do \
-	  version=$$(../$(BIN)/python -c "import importlib.metadata as m; print(m.version('$$dist'))") && \
-	  ../$(BIN)/pip download -q --no-deps --no-binary :all: "$$dist==$$version" && \
-	  for f in *.tar.gz; do tar xzf "$$f"; done; done
-	SHMKV_HOST_SUITES=$(HOST_SUITES) $(BIN)/python -m pytest -ra tests/test_cachelib_suite.py \
-	  tests/test_flask_caching_suite.py
 
 demo: build
 	$(BIN)/python -m shmkv.demo

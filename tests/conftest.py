@@ -10,9 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -268,3 +271,40 @@ def cache_url(request: pytest.FixtureRequest, make_name: Callable[[], str]) -> I
     yield url
     with shmkv.connect(url) as t:
         t.clear()
+
+
+# ---------------------------------------------------------------------- host libraries' suites
+
+
+def fetch_sdist(distribution: str, version: str, only: str = "") -> Path:
+    """The unpacked source distribution of distribution==version, whose tests (which wheels
+    do not ship) the adapters' tests run against shmkv: fetched with pip on first use into
+    $SHMKV_HOST_SUITES (or a per-user temporary folder) and kept there. Only the members
+    under `only` (e.g. "tests/cache/") are unpacked. Skips the caller, saying why, if pip
+    cannot fetch it, except under CI (CI set), where that fails."""
+    base = Path(os.environ.get("SHMKV_HOST_SUITES")
+                or Path(tempfile.gettempdir(), f"shmkv-host-suites-{os.getuid()}"))
+    where = base / f"{distribution}-{version}"
+    done = where / ".unpacked"
+    if done.exists():
+        return Path(done.read_text())
+    where.mkdir(parents=True, exist_ok=True)
+    fetched = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+         ":all:", "--disable-pip-version-check", "--dest", str(where),
+         f"{distribution}=={version}"],
+        capture_output=True, text=True, timeout=JOIN_TIMEOUT * 10)
+    archives = sorted(where.glob("*.tar.gz"))
+    if fetched.returncode != 0 or not archives:
+        why = (f"pip could not fetch the source distribution of {distribution} {version}, "
+               f"whose own tests run against shmkv here: {fetched.stderr.strip()[-500:]}")
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why, allow_module_level=True)
+    with tarfile.open(archives[0]) as archive:
+        top = archive.getnames()[0].split("/")[0]
+        members = [m for m in archive.getmembers()
+                   if m.isfile() and m.name.startswith(f"{top}/{only}")]
+        archive.extractall(where, members=members)  # noqa: S202 - plain files, one folder
+    done.write_text(str(where / top))
+    return where / top

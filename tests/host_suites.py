@@ -1,40 +1,24 @@
 """Loads the generic backend tests that cachelib and Flask-Caching ship in their source
 distributions (not in their wheels), so that their own tests run against ShmkvCache.
 
-They are found under $SHMKV_HOST_SUITES, a directory holding the unpacked sdists of the
-installed versions (``cachelib-0.17.0/``, ``flask_caching-2.5.1/``): ``make host-suites``
-downloads them there and runs the tests. Without it, those tests are skipped, saying so."""
+conftest.fetch_sdist() fetches the sdists of the installed versions with pip, as for Django's
+and limits' own tests."""
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata
 import importlib.util
-import os
 import sys
 import types
 from pathlib import Path
 
-import pytest
-
-ENV = "SHMKV_HOST_SUITES"
+from conftest import fetch_sdist
 
 
-def sdist_tests(distribution: str, directory_name: str) -> Path:
-    """The tests/ of the installed version's sdist under $SHMKV_HOST_SUITES; skips the
-    calling module, saying why, when there is none."""
-    version = importlib.metadata.version(distribution)
-    root = os.environ.get(ENV)
-    how = (f"set {ENV} to a directory holding the unpacked sdist {directory_name}-{version} "
-           f"(`make host-suites` does: pip download --no-deps --no-binary :all: "
-           f"{distribution}=={version})")
-    if not root:
-        pytest.skip(f"{distribution}'s own tests are not installed with it: {how}",
-                    allow_module_level=True)
-    path = Path(root, f"{directory_name}-{version}", "tests")
-    if not path.is_dir():
-        pytest.skip(f"no {path}: {how}", allow_module_level=True)
-    return path
+def sdist_tests(distribution: str) -> Path:
+    """The tests/ of the installed version's sdist (conftest.fetch_sdist)."""
+    return fetch_sdist(distribution, importlib.metadata.version(distribution), "tests/") / "tests"
 
 
 def shim_conftest(path: Path, names: tuple[str, ...]) -> types.ModuleType:

@@ -1,7 +1,6 @@
 """cachelib's own generic backend tests (CommonTests, HasTests, ClearTests,
 SerializerTests, DeleteManyWithPrefixTests from its sdist's tests/) run against ShmkvCache,
-on both backends. Skipped, saying how to run them, unless $SHMKV_HOST_SUITES holds the sdist
-(see tests/host_suites.py; `make host-suites`)."""
+on both backends. pip fetches the sdist on first use (conftest.fetch_sdist)."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from conftest import Clock  # noqa: E402
 
 from shmkv.contrib.flask_caching import ShmkvCache  # noqa: E402
 
-SUITE = sdist_tests("cachelib", "cachelib")
+SUITE = sdist_tests("cachelib")
 _SHIM = shim_conftest(SUITE / "conftest.py", ("TestData", "under_uwsgi"))
 common = load(SUITE / "common.py", "cachelib_suite_common", _SHIM)
 has = load(SUITE / "has.py", "cachelib_suite_has", _SHIM)

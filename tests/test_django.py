@@ -12,14 +12,13 @@ import pickle
 import re
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import JOIN_TIMEOUT, join_all
+from conftest import JOIN_TIMEOUT, fetch_sdist, join_all
 
 django = pytest.importorskip("django", reason="Django is in the test extra: "
                                               "pip install -e '.[test]'")
@@ -56,34 +55,13 @@ def cache(url: str) -> ShmkvCache:
 
 
 @pytest.fixture(scope="session")
-def django_tests_dir(request: pytest.FixtureRequest,
-                     tmp_path_factory: pytest.TempPathFactory) -> Path:
+def django_tests_dir() -> Path:
     """The tests/ folder of the source distribution of the installed Django, holding its
-    cache/ tests: downloaded with pip on first use, kept in pytest's cache afterwards."""
-    version = django.__version__
-    cache = getattr(request.config, "cache", None)
-    base = (cache.mkdir(f"django-{version}-sdist") if cache is not None
-            else tmp_path_factory.mktemp("django-sdist"))
-    tests_dir = base / f"django-{version}" / "tests"
-    if (tests_dir / "cache" / "tests.py").exists():
-        return tests_dir
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                        ":all:", "--disable-pip-version-check", "-q", "-d", str(base),
-                        f"django=={version}"], check=True, capture_output=True, text=True,
-                       timeout=JOIN_TIMEOUT * 5)
-    except subprocess.CalledProcessError as e:
-        pytest.skip(f"cannot download Django {version}'s source distribution for its cache "
-                    f"tests: {e.stderr.strip()[-300:]}")
-    [sdist] = base.glob(f"[Dd]jango-{version}.tar.gz")
-    prefix = f"django-{version}/tests/cache/"
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()]
-        tar.extractall(base, members=members)  # noqa: S202 - plain files of one folder
-    return tests_dir
+    cache/ tests (conftest.fetch_sdist)."""
+    return fetch_sdist("django", django.__version__, "tests/cache/") / "tests"
 
 
-def test_djangos_base_cache_tests_pass(url: str, django_tests_dir: Path) -> None:
+def test_djangos_base_cache_tests_pass(url: str, django_tests_dir: Path, capsys) -> None:
     """BaseCacheTests, unmodified, on this backend; only culling's tests skip (Django's own
     skip, for backends without MAX_ENTRIES culling, as for memcached and Redis)."""
     location = url.replace("capacity=64", "capacity=1000")
@@ -92,8 +70,10 @@ def test_djangos_base_cache_tests_pass(url: str, django_tests_dir: Path) -> None
                          cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     counts = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"Django {django.__version__} BaseCacheTests on {location.split(':')[0]}: "
-          f"{counts['run'] - len(counts['skipped'])} passed, {len(counts['skipped'])} skipped")
+    with capsys.disabled():  # the counts belong in every run's output, CI's included
+        print(f"\nDjango {django.__version__} BaseCacheTests on {location.split(':')[0]}: "
+              f"{counts['run'] - len(counts['skipped'])} passed, "
+              f"{len(counts['skipped'])} skipped")
     assert counts["failures"] == counts["errors"] == 0
     assert counts["run"] >= 50
     skipped = {test.rsplit(".", 1)[1]: reason for test, reason in counts["skipped"]}

@@ -1,7 +1,6 @@
 """Flask-Caching's own generic backend tests (GenericCacheTests from its sdist's
-tests/test_backend_cache.py) run against ShmkvCache, on both backends. Skipped, saying how to
-run them, unless $SHMKV_HOST_SUITES holds the sdist (see tests/host_suites.py;
-`make host-suites`)."""
+tests/test_backend_cache.py) run against ShmkvCache, on both backends. pip fetches the sdist
+on first use (conftest.fetch_sdist)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ pytest.importorskip("flask_caching", reason="Flask-Caching is in the test extra"
 
 from shmkv.contrib.flask_caching import ShmkvCache  # noqa: E402
 
-SUITE = sdist_tests("Flask-Caching", "flask_caching")
+SUITE = sdist_tests("Flask-Caching")
 backend_tests = load(SUITE / "test_backend_cache.py", "flask_caching_suite_backend")
 
 
