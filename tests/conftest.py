@@ -235,19 +235,26 @@ def redis_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.wait(JOIN_TIMEOUT)
 
 
+def table_url(request: pytest.FixtureRequest, name: str, shm: str, redis: str) -> Iterator[str]:
+    """A URL for shmkv.connect() naming the fresh table `name`, in shared memory (with the
+    query `shm`) or on Redis (with `redis`), as request.param says; a Redis table's keys are
+    removed afterwards."""
+    if request.param == "shm":
+        yield f"shm://{name}?{shm}"
+        return
+    sock = request.getfixturevalue("redis_socket")
+    url = f"unix://{sock}?name={name}&{redis}"
+    yield url
+    with shmkv.connect(url) as t:
+        t.clear()
+
+
 @pytest.fixture(params=["shm", "redis"])
 def store_url(request: pytest.FixtureRequest, make_name: Callable[[], str]) -> Iterator[str]:
     """A URL for shmkv.connect() naming a fresh table, in shared memory or on Redis: the
     table contract holds for both. Limits: 64 entries (shm), keys of 32 bytes, values of 64."""
-    name = make_name()
-    if request.param == "shm":
-        yield f"shm://{name}?capacity=64&key_size=32&value_size=64"
-        return
-    sock = request.getfixturevalue("redis_socket")
-    url = f"unix://{sock}?name={name}&key_size=32&value_size=64"
-    yield url
-    with shmkv.connect(url) as t:
-        t.clear()
+    yield from table_url(request, make_name(), "capacity=64&key_size=32&value_size=64",
+                         "key_size=32&value_size=64")
 
 
 @pytest.fixture
@@ -262,15 +269,9 @@ def store(store_url: str) -> Iterator[shmkv.Table | shmkv.RedisTable]:
 def cache_url(request: pytest.FixtureRequest, make_name: Callable[[], str]) -> Iterator[str]:
     """A URL naming a fresh table sized for a cache (1,000 keys of up to 250 bytes, values
     of up to 4 KiB, evicting when full), in shared memory or on Redis."""
-    name = make_name()
-    if request.param == "shm":
-        yield f"shm://{name}?capacity=1000&key_size=250&value_size=4096&on_full=evict"
-        return
-    sock = request.getfixturevalue("redis_socket")
-    url = f"unix://{sock}?name={name}&key_size=250&value_size=4096"
-    yield url
-    with shmkv.connect(url) as t:
-        t.clear()
+    yield from table_url(request, make_name(),
+                         "capacity=1000&key_size=250&value_size=4096&on_full=evict",
+                         "key_size=250&value_size=4096")
 
 
 # ---------------------------------------------------------------------- host libraries' suites

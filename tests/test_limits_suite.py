@@ -39,6 +39,7 @@ def limits_sdist() -> Path:
     return fetch_sdist("limits", limits.__version__)
 
 
+@pytest.mark.timeout(2 * SUITE_TIMEOUT)  # two runs of the suite at most
 def test_limits_own_suite_passes_on_shmkv(limits_sdist: Path, tmp_path: Path, capsys) -> None:
     ini = tmp_path / "pytest.ini"
     ini.write_text("[pytest]\nmarkers =\n" + "".join(f"    {m}\n" for m in MARKERS))
@@ -47,11 +48,20 @@ def test_limits_own_suite_passes_on_shmkv(limits_sdist: Path, tmp_path: Path, ca
     env = {**os.environ, "SHMKV_LIMITS_TABLE": name,
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
                                           os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(limits_sdist),
-         "--noconftest", "-p", "limits_suite_plugin", "-p", "no:cacheprovider", "-q",
-         "-rfE", "--timeout", "60", f"--junitxml={report}", *TESTS],
-        cwd=limits_sdist, env=env, capture_output=True, text=True, timeout=SUITE_TIMEOUT)
+    command = [sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(limits_sdist),
+               "--noconftest", "-p", "limits_suite_plugin", "-p", "no:cacheprovider", "-q",
+               "-rfE", "--timeout", "60", f"--junitxml={report}", *TESTS]
+    run = subprocess.run(command, cwd=limits_sdist, env=env, capture_output=True, text=True,
+                         timeout=SUITE_TIMEOUT)
+    if run.returncode != 0:
+        # limits' tests sleep and then expect a window to have moved on, on the real clock: on
+        # a loaded machine a sleep may overshoot. The suite runs once more, saying so in the
+        # run's output; what fails twice fails here.
+        with capsys.disabled():
+            print(f"\nlimits' own tests failed once; running them again:\n"
+                  f"{run.stdout[-3000:]}")
+        run = subprocess.run(command, cwd=limits_sdist, env=env, capture_output=True,
+                             text=True, timeout=SUITE_TIMEOUT)
     output = run.stdout[-6000:] + run.stderr[-3000:]
     assert run.returncode == 0, output
 

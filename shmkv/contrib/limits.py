@@ -159,6 +159,23 @@ class ShmkvStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport,
 
     # ------------------------------------------------------------------ moving window
 
+    def _swap(self, key: bytes, admit: Callable[[bytes | None], bytes | None],
+              ttl: float) -> bool:
+        """Replaces key's value by admit(value) (None: refuse) in one compare-and-swap, or
+        one add() for an absent key, reading again whenever another process got there first:
+        exact under any concurrency. True if admitted."""
+        table = self.table
+        while True:
+            old = table.get(key)
+            new = admit(old)
+            if new is None:
+                return False
+            if old is None:
+                if table.add(key, new, ttl=ttl):
+                    return True
+            elif table.compare_and_swap(key, old, new, ttl=ttl):
+                return True
+
     def _window(self, value: bytes | None, now: float, expiry: float) -> list[tuple[float, int]]:
         """The (time, cost) pairs of a stored window that are inside it at now, newest
         first."""
@@ -181,20 +198,14 @@ class ShmkvStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport,
         concurrency."""
         if amount > limit:
             return False
-        table = self.table
-        stored_key = self._key(_MOVING, key)
-        while True:
-            old = table.get(stored_key)
+        def admit(old: bytes | None) -> bytes | None:
             now = self.clock()
             pairs = self._window(old, now, expiry)
             if sum(cost for _, cost in pairs) + amount > limit:
-                return False
-            new = self._pack_window([(now, amount), *pairs], table.value_size)
-            if old is None:
-                if table.add(stored_key, new, ttl=expiry):
-                    return True
-            elif table.compare_and_swap(stored_key, old, new, ttl=expiry):
-                return True
+                return None
+            return self._pack_window([(now, amount), *pairs], self.table.value_size)
+
+        return self._swap(self._key(_MOVING, key), admit, expiry)
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         """(the time of the oldest hit in the window, the number of hits in it); (now, 0) for
@@ -234,21 +245,15 @@ class ShmkvStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport,
         compare-and-swap: exact under any concurrency."""
         if amount > limit:
             return False
-        table = self.table
-        stored_key = self._key(_SLIDING, key)
-        while True:
-            old = table.get(stored_key)
+        def admit(old: bytes | None) -> bytes | None:
             now = self.clock()
             window, previous, current = self._sliding(old, int(now / expiry))
             _, previous_ttl, _, _ = self._sliding_info(window, previous, current, now, expiry)
             if math.floor(previous * previous_ttl / expiry + current) + amount > limit:
-                return False
-            new = _SLIDING_STATE.pack(window, previous, current + amount)
-            if old is None:
-                if table.add(stored_key, new, ttl=2 * expiry):
-                    return True
-            elif table.compare_and_swap(stored_key, old, new, ttl=2 * expiry):
-                return True
+                return None
+            return _SLIDING_STATE.pack(window, previous, current + amount)
+
+        return self._swap(self._key(_SLIDING, key), admit, 2 * expiry)
 
     def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
         """(previous window's count, seconds it still counts for, current window's count,
