@@ -154,15 +154,17 @@ def describe_stuck(pid: int) -> str:
                 lines.append(f"  {field}: {f.read().strip()}")
         except OSError as e:
             lines.append(f"  {field}: {e}")
+    print("\n".join(lines), file=sys.stderr, flush=True)  # before gdb, which may hang too
+    lines = []
     gdb = shutil.which("gdb")
     if gdb is not None:
         try:
             out = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex",
                                   "thread apply all bt 25"], capture_output=True, text=True,
-                                 timeout=60)
+                                 timeout=15)
             lines.append(out.stdout[:8000])
         except subprocess.TimeoutExpired:
-            lines.append("  gdb timed out")
+            lines.append("  gdb timed out attaching (the process may be in the kernel)")
     try:
         os.kill(pid, STACK_SIGNAL)  # faulthandler prints its Python stack to our stderr
     except OSError:
