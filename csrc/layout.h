@@ -58,6 +58,24 @@
 #define NBINS (EXACT_BINS + 26u * 8u)
 #define BINMAP_WORDS ((NBINS + 63u) / 64u)
 
+/* Two words inside the C library's pthread_mutex_t that lock.c reads (never writes):
+ *   MUTEX_OWNER_WORD: the futex word of a robust mutex. Its low 30 bits are the holder's
+ *     thread id in every C library, because the kernel's robust-list protocol reads them
+ *     there (FUTEX_TID_MASK); only where the library keeps the word differs.
+ *   MUTEX_TYPE_WORD: the type and flags the library keeps, which it trusts when it locks.
+ * glibc and musl (the C libraries of manylinux and musllinux wheels) are known; musl has no
+ * macro of its own, so it is "Linux, and neither glibc nor bionic". Elsewhere the core does
+ * without them: a relock by the same thread times out instead of failing at once, and lock
+ * timeouts cannot name the holder. */
+#if defined(__GLIBC__)
+#define MUTEX_OWNER_WORD(m) (&(m)->__data.__lock)
+#define MUTEX_TYPE_WORD(m) (&(m)->__data.__kind)
+#elif defined(__linux__) && !defined(__BIONIC__)
+#define MUTEX_OWNER_WORD(m) (&(m)->__u.__vi[1])
+#define MUTEX_TYPE_WORD(m) (&(m)->__u.__i[0])
+#endif
+#define MUTEX_TID_MASK 0x3fffffff
+
 struct shmkv_header {
     /* --- Identity and geometry: written once by shmkv_init, read-only afterwards. --- */
     char magic[8];             /* SHMKV_MAGIC */

@@ -4,6 +4,7 @@
  * shmkv__lock()), marks the mutex consistent and carries on, so nobody waits forever on a
  * dead process. A named semaphore cannot do this: its count dies with its holder. This file
  * knows the mutex and who holds it, nothing of what it guards. */
+#include <dlfcn.h>
 #include <errno.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -13,7 +14,10 @@
 #include "layout.h"
 
 /* pthread_mutex_clocklock (glibc 2.30) waits on CLOCK_MONOTONIC, which a wall-clock change
- * cannot stretch or cut short; older C libraries fall back to the realtime clock. */
+ * cannot stretch or cut short. A build against an older glibc's symbols (the manylinux2014
+ * wheel is built against 2.17's) looks it up when it first waits, so that it waits on the
+ * monotonic clock too wherever the running C library has the function; where it has not,
+ * waits fall back to pthread_mutex_timedlock on the realtime clock. */
 #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
 #define HAVE_CLOCKLOCK 1
 #endif
@@ -44,18 +48,19 @@ int shmkv__init_lock(struct shmkv_header *h)
     return init_mutex(&h->lock);
 }
 
-/* The type word glibc keeps in a mutex made by init_mutex(), or 0 elsewhere. glibc trusts that
- * word: a damaged one (say, with the priority-inheritance bits set) makes it abort the process
- * inside pthread_mutex_lock, so shmkv_open() compares it with this and keeps the value in the
- * handle, and every lock compares it again. */
+/* The type word the C library keeps in a mutex made by init_mutex(), or 0 where it is not
+ * known (layout.h, MUTEX_TYPE_WORD). glibc trusts that word: a damaged one (say, with the
+ * priority-inheritance bits set) makes it abort the process inside pthread_mutex_lock, so
+ * shmkv_open() compares it with this and keeps the value in the handle, and every lock
+ * compares it again. */
 int shmkv__lock_kind(void)
 {
-#ifdef __GLIBC__
+#ifdef MUTEX_TYPE_WORD
     pthread_mutex_t m;
     int kind = 0;
 
     if (init_mutex(&m) == SHMKV_OK) {
-        kind = m.__data.__kind;
+        kind = *MUTEX_TYPE_WORD(&m);
         pthread_mutex_destroy(&m);
     }
     return kind;
@@ -66,8 +71,8 @@ int shmkv__lock_kind(void)
 
 static int lock_kind_of(const struct shmkv_header *h)
 {
-#ifdef __GLIBC__
-    return __atomic_load_n(&h->lock.__data.__kind, __ATOMIC_RELAXED);
+#ifdef MUTEX_TYPE_WORD
+    return __atomic_load_n(MUTEX_TYPE_WORD(&h->lock), __ATOMIC_RELAXED);
 #else
     (void)h;
     return 0;
@@ -139,19 +144,21 @@ static pid_t cached_pid(void)
     return pid;
 }
 
+#ifdef MUTEX_OWNER_WORD
 static pid_t own_tid(void)
 {
     return (pid_t)syscall(SYS_gettid);
 }
+#endif
 
 /* Whether the lock's futex word names this very thread as its holder (see above). */
 static int held_by_this_thread(const struct shmkv_header *h)
 {
-#ifdef __GLIBC__
-    uint32_t word = (uint32_t)__atomic_load_n(&h->lock.__data.__lock, __ATOMIC_RELAXED);
+#ifdef MUTEX_OWNER_WORD
+    uint32_t word = (uint32_t)__atomic_load_n(MUTEX_OWNER_WORD(&h->lock), __ATOMIC_RELAXED);
     uint64_t ns = shmkv__pidns();
 
-    return held_here > 0 && (pid_t)(word & 0x3fffffff) == own_tid() && ns != 0 &&
+    return held_here > 0 && (pid_t)(word & MUTEX_TID_MASK) == own_tid() && ns != 0 &&
            __atomic_load_n(&h->holder_pidns, __ATOMIC_RELAXED) == ns;
 #else
     (void)h;
@@ -181,14 +188,35 @@ static int before(const struct timespec *a, const struct timespec *b)
     return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
 }
 
+typedef int (*clocklock_fn)(pthread_mutex_t *, clockid_t, const struct timespec *);
+
+static clocklock_fn find_clocklock(void)
+{
+#ifdef HAVE_CLOCKLOCK
+    return pthread_mutex_clocklock;
+#else
+    static clocklock_fn found;
+    static int looked;
+
+    if (!__atomic_load_n(&looked, __ATOMIC_ACQUIRE)) {
+        __atomic_store_n(&found, (clocklock_fn)dlsym(RTLD_DEFAULT, "pthread_mutex_clocklock"),
+                         __ATOMIC_RELAXED);
+        __atomic_store_n(&looked, 1, __ATOMIC_RELEASE);
+    }
+    return __atomic_load_n(&found, __ATOMIC_RELAXED);
+#endif
+}
+
+int shmkv_testing_lock_clock(void)
+{
+    return find_clocklock() != NULL ? CLOCK_MONOTONIC : CLOCK_REALTIME;
+}
+
 static int timed_lock(pthread_mutex_t *m, int64_t timeout_ns)
 {
     struct timespec deadline, slice;
-#ifdef HAVE_CLOCKLOCK
-    const clockid_t clock = CLOCK_MONOTONIC;
-#else
-    const clockid_t clock = CLOCK_REALTIME;
-#endif
+    const clocklock_fn clocklock = find_clocklock();
+    const clockid_t clock = clocklock != NULL ? CLOCK_MONOTONIC : CLOCK_REALTIME;
     int rc;
 
     if (clock_gettime(clock, &deadline) != 0)
@@ -199,11 +227,7 @@ static int timed_lock(pthread_mutex_t *m, int64_t timeout_ns)
         add_ns(&slice, WAIT_SLICE_NS);
         if (!before(&slice, &deadline))
             slice = deadline;
-#ifdef HAVE_CLOCKLOCK
-        rc = pthread_mutex_clocklock(m, clock, &slice);
-#else
-        rc = pthread_mutex_timedlock(m, &slice);
-#endif
+        rc = clocklock != NULL ? clocklock(m, clock, &slice) : pthread_mutex_timedlock(m, &slice);
     } while (rc == ETIMEDOUT && before(&slice, &deadline));
     return rc;
 }

@@ -1195,12 +1195,12 @@ int shmkv_testing_hold_lock(shmkv_t *t, int hold)
     return SHMKV_OK;
 }
 
-/* The robust-futex word's thread id (the kernel's ABI: the low 30 bits), -1 off glibc. */
+/* The robust-futex word's thread id (layout.h, MUTEX_OWNER_WORD), -1 where it is unknown. */
 static int64_t lock_owner_tid(const shmkv_t *t)
 {
-#ifdef __GLIBC__
-    return (int64_t)(__atomic_load_n(&t->hdr->lock.__data.__lock, __ATOMIC_RELAXED) &
-                     0x3fffffff);
+#ifdef MUTEX_OWNER_WORD
+    return (int64_t)(__atomic_load_n(MUTEX_OWNER_WORD(&t->hdr->lock), __ATOMIC_RELAXED) &
+                     MUTEX_TID_MASK);
 #else
     (void)t;
     return -1;
