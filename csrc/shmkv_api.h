@@ -258,6 +258,9 @@ void shmkv_testing_set_clock(uint64_t now_ns);
  * before it unmaps the table: glibc links held robust mutexes into a per-thread list, and an
  * unmapped list element crashes the next robust lock. Never used by the library itself. */
 int shmkv_testing_hold_lock(shmkv_t *t, int hold);
+/* For tests: the clock lock waits are measured on, CLOCK_MONOTONIC where the running C
+ * library has pthread_mutex_clocklock (lock.c), else CLOCK_REALTIME. */
+int shmkv_testing_lock_clock(void);
 /* For tests: flips the low bit of the table's sequence word, as damage would. */
 int shmkv_testing_flip_seq(shmkv_t *t);
 /* For tests: marks the block at `offset` bytes into the data area used, as a lock-free reader

@@ -60,7 +60,7 @@ ffibuilder.set_source(
     depends=[_relative(os.path.join(HERE, h)) for h in ("shmkv_api.h", "shmkv.h", "layout.h")],
     extra_compile_args=_compile_args(),
     extra_link_args=_link_args(),
-    libraries=["pthread"],
+    libraries=["pthread", "dl"],  # glibc before 2.34 keeps them apart from libc
 )
 
 if __name__ == "__main__":
