@@ -10,8 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +30,23 @@ import shmkv
 JOIN_TIMEOUT = 60.0
 
 START_METHODS = ["fork", "spawn"]
+
+
+
+def pytest_report_header() -> str:
+    return f"shmkv {shmkv.__version__} from {Path(shmkv.__file__).parent}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With SHMKV_EXPECT_INSTALLED=1 (CI's run against the wheel), the tests must import an
+    installed shmkv, not a source tree that happens to be on sys.path."""
+    if os.environ.get("SHMKV_EXPECT_INSTALLED") == "1":
+        where = Path(shmkv.__file__).resolve().parent.parent
+        installed = {Path(sysconfig.get_path(k)).resolve() for k in ("purelib", "platlib")}
+        if where not in installed:
+            raise pytest.UsageError(f"SHMKV_EXPECT_INSTALLED=1, but shmkv was imported from "
+                                    f"{where}, not from {sorted(map(str, installed))}")
+
 
 # A process that outlives its join gets this signal before it is killed, and prints where its
 # threads are in Python (forked children inherit the handler; spawned ones import this module).
@@ -148,20 +167,31 @@ def describe_stuck(pid: int) -> str:
     """What a process that outlived its join is doing, for the failing test's log: its state,
     where it waits in the kernel, its native stack if gdb is installed, and its Python stack."""
     lines = [f"process {pid} outlived its join:"]
-    for field in ("stat", "wchan", "syscall"):
+    for field in ("stat", "wchan", "syscall", "stack"):  # stack: the kernel's, root only
         try:
             with open(f"/proc/{pid}/{field}") as f:
                 lines.append(f"  {field}: {f.read().strip()}")
         except OSError as e:
             lines.append(f"  {field}: {e}")
+    try:  # every thread of the stuck process, and of ours, which forked it
+        for who in (pid, os.getpid()):
+            for tid in sorted(os.listdir(f"/proc/{who}/task"), key=int):
+                with open(f"/proc/{who}/task/{tid}/comm") as f, \
+                        open(f"/proc/{who}/task/{tid}/wchan") as g:
+                    lines.append(f"  {who} thread {tid} {f.read().strip()}: {g.read()}")
+    except OSError as e:
+        lines.append(f"  threads: {e}")
+    lines.append(f"  our Python threads: {threading.enumerate()}")
     print("\n".join(lines), file=sys.stderr, flush=True)  # before gdb, which may hang too
     lines = []
     gdb = shutil.which("gdb")
     if gdb is not None:
         try:
+            # Not under the sanitized run's LD_PRELOAD of libasan: gdb hangs under it.
+            env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
             out = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex",
                                   "thread apply all bt 25"], capture_output=True, text=True,
-                                 timeout=15)
+                                 timeout=15, env=env)
             lines.append(out.stdout[:8000])
         except subprocess.TimeoutExpired:
             lines.append("  gdb timed out attaching (the process may be in the kernel)")
