@@ -189,9 +189,9 @@ def describe_stuck(pid: int) -> str:
         try:
             # Not under the sanitized run's LD_PRELOAD of libasan: gdb hangs under it.
             env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-            out = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex",
-                                  "thread apply all bt 25"], capture_output=True, text=True,
-                                 timeout=15, env=env)
+            out = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-iex", "set auto-load off",
+                                  "-ex", "thread apply all bt 25"], capture_output=True,
+                                 text=True, timeout=15, env=env)
             lines.append(out.stdout[:8000])
         except subprocess.TimeoutExpired:
             lines.append("  gdb timed out attaching (the process may be in the kernel)")
