@@ -9,7 +9,6 @@ import os
 import time
 
 import pytest
-from shmkv._core import lib
 
 from shmkv import _core
 
@@ -28,7 +27,7 @@ def test_lock_waits_are_timed_on_the_monotonic_clock_where_glibc_can() -> None:
     version = glibc_version()
     if version is None or version < (2, 30):
         pytest.skip(f"the running C library has no pthread_mutex_clocklock (glibc {version})")
-    assert lib.shmkv_testing_lock_clock() == time.CLOCK_MONOTONIC
+    assert _core.lib.shmkv_testing_lock_clock() == time.CLOCK_MONOTONIC
 
 
 def test_the_core_uses_only_the_limited_api() -> None:
