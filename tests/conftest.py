@@ -53,6 +53,35 @@ def pytest_configure(config: pytest.Config) -> None:
 STACK_SIGNAL = signal.SIGUSR2
 faulthandler.register(STACK_SIGNAL, all_threads=True)
 
+# A fork beside a thread that is still ending. Thread.join() returns once the thread's Python
+# state is gone, while its OS thread may still run its C teardown. Under AddressSanitizer that
+# teardown hands the thread's allocator cache back under the allocator's locks, and GCC 12's
+# libasan takes no lock around fork(): a child forked at that moment inherits a held lock and
+# blocks in its first malloc of that size for ever. It happened in the sanitized CI run: a
+# writer forked by test_optimistic's first test, just after test_namespaces' thread test, hung
+# in malloc (2 forks in 300 hung in a loaded reproduction, none once the fork waited). So
+# before every os.fork() of the test process, this waits until each of its OS threads is a
+# live Python thread. A thread that no Python thread accounts for within FOREIGN_AFTER
+# seconds is taken to be a C library's own, and is not waited for again.
+FOREIGN_AFTER = 2.0
+_foreign_tids: set[int] = set()
+
+
+def settle_threads() -> None:
+    deadline = time.monotonic() + FOREIGN_AFTER
+    while True:
+        live = {t.native_id for t in threading.enumerate()}
+        ending = {int(tid) for tid in os.listdir("/proc/self/task")} - live - _foreign_tids
+        if not ending:
+            return
+        if time.monotonic() > deadline:
+            _foreign_tids.update(ending)
+            return
+        time.sleep(0.001)  # no event marks the end of another thread's C teardown
+
+
+os.register_at_fork(before=settle_threads)
+
 
 def unique_name(prefix: str = "shmkv-test") -> str:
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
