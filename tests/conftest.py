@@ -32,7 +32,6 @@ JOIN_TIMEOUT = 60.0
 START_METHODS = ["fork", "spawn"]
 
 
-
 def pytest_report_header() -> str:
     return f"shmkv {shmkv.__version__} from {Path(shmkv.__file__).parent}"
 
@@ -59,7 +58,7 @@ faulthandler.register(STACK_SIGNAL, all_threads=True)
 # libasan takes no lock around fork(): a child forked at that moment inherits a held lock and
 # blocks in its first malloc of that size for ever. It happened in the sanitized CI run: a
 # writer forked by test_optimistic's first test, just after test_namespaces' thread test, hung
-# in malloc (2 forks in 300 hung in a loaded reproduction, none once the fork waited). So
+# in malloc (in a loaded reproduction, 3 forks in 2,537 hung; none of 2,153 that waited). So
 # before every os.fork() of the test process, this waits until each of its OS threads is a
 # live Python thread. A thread that no Python thread accounts for within FOREIGN_AFTER
 # seconds is taken to be a C library's own, and is not waited for again.
