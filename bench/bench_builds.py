@@ -31,11 +31,12 @@ def one_round(python: str, extra: list[str]) -> dict[tuple[str, str], int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    cut = argv.index("--") if "--" in argv else len(argv)
+    own, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("builds", nargs=2, metavar="NAME=PYTHON")
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args = parser.parse_args(own)
     builds = [tuple(b.split("=", 1)) for b in args.builds]
 
     rounds: dict[str, list[dict[tuple[str, str], int]]] = {name: [] for name, _ in builds}
